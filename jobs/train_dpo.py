@@ -1,0 +1,4 @@
+"""Ray job: `ray job submit --working-dir . -- python jobs/train_dpo.py --config conf/<preset>.yaml [key=value ...]`."""
+import _entry
+
+_entry.run("train-dpo")

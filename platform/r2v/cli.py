@@ -1,0 +1,151 @@
+"""`r2v`: one command per pipeline stage, plus `run` (the whole graph), `config show` and `envs check`.
+
+Every stage command is `r2v <stage> --config FILE [key=value ...]` and calls the same library function as
+`jobs/<stage>.py` under `ray job submit`. User errors print one line and exit non-zero, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from r2v.errors import R2VError, StageNotBuilt
+
+# Commands that are not stages of the pipeline graph: (library target or None, tracking issue, help).
+EXTRA_COMMANDS: dict[str, tuple[str | None, int, str]] = {
+    "collect": (None, 4, "collect rollouts with collect.policy=teacher|slm|routed into Parquet shards"),
+    "calibrate": (None, 9, "map a target LLM-call budget to a router threshold; print the realised rate"),
+    "serve": (None, 7, "deploy the routed agent as a Ray Serve app (HTTP, OpenAI-compatible)"),
+    "submit": (None, 8, "submit the pipeline (or one stage) as a Ray job to a cluster"),
+}
+STAGE_HELP = {
+    "tasks": "generate/load the env's tasks and fix the train/val/test split",
+    "collect-teacher": "teacher rollouts under perturbation seeds -> rollouts/teacher/*.parquet",
+    "init-model": "build the tiny quickstart SLM (tokenizer + model) as an HF directory",
+    "train-bc": "behavioral cloning on teacher steps (Ray Train + DeepSpeed)",
+    "build-pairs": "verifier-ranked preference pairs from the BC policy under perturbations",
+    "train-dpo": "DPO + consistency (JSD) regularisation (Ray Train + DeepSpeed, TRL)",
+    "train-verifier": "train the learned process verifier",
+    "collect-router": "SLM rollouts under many seeds + counterfactual branches -> router rows",
+    "train-router": "train the calibrated CVaR router (dual ascent, temperature scaling)",
+    "sweep": "Ray Tune sweep over router hyper-parameters and budgets -> Pareto frontier",
+    "eval": "live evaluation of R2V and baselines on held-out tasks",
+    "report": "results.json, markdown table and plots",
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (e.g. conf/quickstart.yaml); conf/base.yaml is always applied")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. env.max_steps=20")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from r2v.pipeline import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="r2v",
+        description="r2v: train an SLM agent and a calibrated router that escalates risky steps to a teacher LLM.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run the whole pipeline (skips stages completed with the same config)")
+    _add_config_args(p)
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run from this stage on")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+
+    p = sub.add_parser("config", help="inspect configuration")
+    csub = p.add_subparsers(dest="config_command", required=True)
+    show = csub.add_parser("show", help="print the resolved config")
+    _add_config_args(show)
+
+    p = sub.add_parser("envs", help="environment utilities")
+    esub = p.add_subparsers(dest="envs_command", required=True)
+    chk = esub.add_parser("check", help="play episodes with the oracle or a random policy and summarise")
+    _add_config_args(chk)
+    chk.add_argument("--env", help="env name (textworld|code|terminal); overrides env.name")
+    chk.add_argument("--policy", default="oracle", choices=["oracle", "random"])
+    chk.add_argument("--episodes", type=int, default=20)
+    chk.add_argument("--clean", action="store_true", help="disable perturbations")
+    chk.add_argument("--split", default=None, help="train|val|test (default: all tasks)")
+    chk.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=STAGE_HELP.get(stage.name, ""))
+        _add_config_args(p)
+    for name, (_, _, help_) in EXTRA_COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        _add_config_args(p)
+    return parser
+
+
+def _load(args):
+    from r2v.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print_table(rows: list[dict]) -> None:
+    total = sum(r["wall_s"] for r in rows)
+    print("\nstage            status      wall")
+    for r in rows:
+        print(f"{r['stage']:<16} {r['status']:<10} {r['wall_s']:7.1f}s")
+    print(f"{'total':<27} {total:7.1f}s")
+
+
+def dispatch(args) -> int:
+    from r2v.pipeline import STAGE_NAMES, run_pipeline, run_stage
+
+    if args.command == "config":
+        from r2v.config import to_yaml
+
+        print(to_yaml(_load(args)), end="")
+        return 0
+    if args.command == "envs":
+        from r2v.envs.check import check_env
+
+        overrides = list(args.overrides) + ([f"env.name={args.env}"] if args.env else [])
+        from r2v.config import load_config
+
+        cfg = load_config(args.config, overrides)
+        summary = check_env(cfg, policy=args.policy, episodes=args.episodes, perturbed=not args.clean, split=args.split)
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            for k, v in summary.items():
+                print(f"{k:>22}: {v}")
+        return 0
+    if args.command == "run":
+        cfg = _load(args)
+        rows = run_pipeline(cfg, from_stage=args.from_stage, until=args.until)
+        _print_table(rows)
+        return 0
+    if args.command in STAGE_NAMES:
+        cfg = _load(args)
+        summary = run_stage(cfg, args.command)
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    target, issue, _ = EXTRA_COMMANDS[args.command]
+    if target is None:
+        raise StageNotBuilt(f"`r2v {args.command}` is not built yet (tracked in issue #{issue})")
+    raise AssertionError(f"unhandled command {args.command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return dispatch(args)
+    except StageNotBuilt as e:
+        print(f"r2v: {e}", file=sys.stderr)
+        return 3
+    except R2VError as e:
+        print(f"r2v: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("r2v: interrupted; completed shards and stages are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

