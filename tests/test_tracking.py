@@ -20,6 +20,7 @@ def test_parent_and_nested_stage_runs(tmp_path):
     assert parent.data.params["experiment"] == "trk"
     artifacts = [a.path for a in client.list_artifacts(parent_id)]
     assert "config.yaml" in artifacts
+    assert (tmp_path / "trk" / "mlartifacts").is_dir()  # artifacts live with the experiment, not in ./mlruns
     child = client.get_run(child_id)
     assert child.data.tags["mlflow.parentRunId"] == parent_id
     assert child.data.metrics["episodes"] == 12

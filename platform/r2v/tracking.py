@@ -35,7 +35,12 @@ class Tracker:
             import mlflow
 
             mlflow.set_tracking_uri(tracking_uri(cfg))
-            mlflow.set_experiment(cfg.tracking.experiment_name)
+            name = cfg.tracking.experiment_name
+            if cfg.tracking.uri is None and mlflow.get_experiment_by_name(name) is None:
+                # with a sqlite store MLflow would put artifacts in ./mlruns of whatever the cwd is
+                artifacts = (cfg.experiment_dir / "mlartifacts").resolve()
+                mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+            mlflow.set_experiment(name)
             self._mlflow = mlflow
 
     @contextlib.contextmanager
