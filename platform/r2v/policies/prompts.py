@@ -1,0 +1,44 @@
+"""The one prompt template every policy (SLM, HTTP teacher, serve) renders a step with.
+
+Short on purpose: the quickstart SLM has a few hundred tokens of context. The action is the completion
+that follows `Action:`; training puts the loss on its tokens only.
+"""
+from __future__ import annotations
+
+from r2v.policies.base import StepContext
+
+ACTION_MARKER = "\nAction:"
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split()) if limit < 400 else text.strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def render_prompt(ctx: StepContext, history_steps: int = 4, obs_chars: int = 600) -> str:
+    """Goal, the last `history_steps` actions (with a short echo of what each returned), the current
+    observation, then the action marker."""
+    lines = [f"Goal: {_clip(ctx.goal, 1200)}"]
+    recent = ctx.history[-history_steps:] if history_steps > 0 else []
+    if recent:
+        lines.append("Recent: " + " | ".join(f"{a} -> {_clip(o, 60)}" for a, o in recent))
+    lines.append(f"Observation: {_clip(ctx.observation.text, obs_chars)}")
+    return "\n".join(lines) + ACTION_MARKER
+
+
+def completion(action: str) -> str:
+    """The text the policy is trained to produce after the prompt."""
+    return " " + action.strip()
+
+
+def parse_action(text: str) -> str:
+    """An action from free text (SLM generation or an LLM reply): the first non-empty line, without
+    quotes, backticks or an echoed `Action:` prefix. Multi-line actions (code) are kept whole when they
+    start with a keyword line such as `write`."""
+    text = text.strip().strip("`").strip()
+    if text.lower().startswith("action:"):
+        text = text[len("action:"):].strip()
+    if text.split("\n", 1)[0].strip().lower() == "write":
+        return text
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return first.strip("'\"`").strip()

@@ -1,0 +1,139 @@
+"""Parallel collection on Ray: env-worker actors play episodes and write one shard per episode.
+
+A unit of work is (task, perturbation seed, episode index) under one policy; its shard key is the unit, so a
+re-run skips completed units and a retried unit overwrites its own shard atomically: every requested
+episode ends up in the shards exactly once, even when an actor dies mid-episode (it restarts, Ray retries
+the call). The driver keeps every worker busy and shows episodes done / total and steps/s.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from r2v.config import R2VConfig
+from r2v.data import ShardStore, shard_key
+from r2v.envs.base import Task
+from r2v.errors import R2VError
+
+
+@dataclass(frozen=True)
+class Unit:
+    task: Task
+    split: str
+    seed: int
+    episode_index: int
+    policy: str
+
+    @property
+    def key(self) -> str:
+        return shard_key(task=self.task.task_id, seed=self.seed, policy=self.policy, ep=self.episode_index)
+
+
+AgentFactory = Callable[[R2VConfig], Any]  # builds the Agent inside the worker process
+
+
+class EnvWorker:
+    """Owns one environment and one agent; plays units and writes their shards."""
+
+    def __init__(self, cfg: R2VConfig, agent_factory: AgentFactory, out_dir: str):
+        from r2v.envs.registry import make_env
+
+        self.cfg = cfg
+        self.env = make_env(cfg.env)
+        self.agent = agent_factory(cfg)
+        self.store = ShardStore(out_dir, "steps")
+
+    def run(self, unit: Unit) -> dict[str, Any]:
+        from r2v.rollout.episode import EpisodeMeta, run_episode
+
+        meta = EpisodeMeta(self.cfg.experiment, unit.split, unit.policy, unit.seed, unit.episode_index)
+        rows = run_episode(self.env, self.agent, unit.task, meta, self.cfg.env.max_steps,
+                           self.cfg.policy.history_steps)
+        self.store.write(unit.key, rows)
+        return {"key": unit.key, "steps": len(rows), "success": bool(rows and rows[-1]["episode_success"]),
+                "pid": os.getpid()}
+
+
+def plan_units(tasks: dict[str, list[Task]], seeds: list[int], episodes_per_task: int, policy: str) -> list[Unit]:
+    return [
+        Unit(task, split, seed, e, policy)
+        for split, split_tasks in tasks.items()
+        for task in split_tasks
+        for seed in seeds
+        for e in range(episodes_per_task)
+    ]
+
+
+def collect(cfg: R2VConfig, units: list[Unit], agent_factory: AgentFactory, out_dir: str | Path,
+            progress: bool = True, on_started: Callable[[list], None] | None = None) -> dict[str, Any]:
+    """Play every unit whose shard is missing, on `collect.num_workers` env-worker actors."""
+    import ray
+    from tqdm.auto import tqdm
+
+    from r2v.ray_utils import init_ray
+
+    init_ray(cfg)
+    store = ShardStore(out_dir, "steps")
+    store.remove_stale_temp()
+    done_keys = store.completed_keys()
+    todo = deque(u for u in units if u.key not in done_keys)
+    summary = {"episodes_requested": len(units), "episodes_skipped": len(units) - len(todo),
+               "episodes_run": 0, "steps": 0, "successes": 0}
+    if not todo:
+        return {**summary, "wall_s": 0.0, "steps_per_s": 0.0}
+
+    actor_cls = ray.remote(EnvWorker).options(
+        num_cpus=cfg.collect.cpus_per_worker,
+        max_restarts=cfg.collect.max_restarts,
+        max_task_retries=cfg.collect.max_task_retries,
+    )
+    n_workers = max(1, min(cfg.collect.num_workers, len(todo)))
+    workers = [actor_cls.remote(cfg, agent_factory, str(out_dir)) for _ in range(n_workers)]
+    if on_started:
+        on_started(workers)
+    attempts: dict[str, int] = {}
+    pids: set[int] = set()
+    inflight: dict[Any, tuple[Any, Unit]] = {}
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc=f"collect[{units[0].policy}]", unit="ep", disable=not progress)
+
+    def submit(worker) -> None:
+        if todo:
+            unit = todo.popleft()
+            inflight[worker.run.remote(unit)] = (worker, unit)
+
+    for w in workers:
+        submit(w)
+    try:
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ref = ready[0]
+            worker, unit = inflight.pop(ref)
+            try:
+                res = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                attempts[unit.key] = attempts.get(unit.key, 0) + 1
+                if attempts[unit.key] > cfg.collect.max_task_retries + 1:
+                    raise R2VError(f"episode {unit.key} failed {attempts[unit.key]} times; last error: {e}") from e
+                todo.append(unit)  # the actor restarts (max_restarts); the unit goes back in the queue
+                submit(worker)
+                continue
+            summary["episodes_run"] += 1
+            summary["steps"] += res["steps"]
+            summary["successes"] += int(res["success"])
+            pids.add(res["pid"])
+            bar.update(1)
+            bar.set_postfix(steps_per_s=f"{summary['steps'] / max(1e-9, time.time() - t0):.1f}",
+                            success=f"{summary['successes'] / summary['episodes_run']:.2f}")
+            submit(worker)
+    finally:
+        bar.close()
+        for w in workers:
+            ray.kill(w, no_restart=True)
+    wall = time.time() - t0
+    return {**summary, "worker_processes": len(pids), "wall_s": wall, "steps_per_s": summary["steps"] / max(wall, 1e-9),
+            "success_rate": summary["successes"] / max(1, summary["episodes_run"])}

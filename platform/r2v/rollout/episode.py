@@ -1,0 +1,74 @@
+"""One episode, as plain Python: agent decides, env acts, every step becomes a step record.
+
+Success is only what the environment reports at the end of the episode; it is copied to every row of the
+episode as `episode_success`. Used by rollout actors, live evaluation and tests alike.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from r2v.envs.base import Env, Task
+from r2v.policies.base import Agent, StepContext
+
+
+@dataclass
+class EpisodeMeta:
+    experiment: str
+    split: str
+    policy: str  # name recorded in the shard: teacher | slm | routed:<router>
+    seed: int  # perturbation seed
+    episode_index: int = 0
+
+    def episode_id(self, task: Task) -> str:
+        return f"{task.task_id}/{self.policy}/s{self.seed}/e{self.episode_index}"
+
+
+def run_episode(env: Env, agent: Agent, task: Task, meta: EpisodeMeta, max_steps: int,
+                history_steps: int = 8) -> list[dict[str, Any]]:
+    obs = env.reset(task, seed=meta.seed)
+    history: list[tuple[str, str]] = []
+    rows: list[dict[str, Any]] = []
+    last_info: dict[str, Any] = {}
+    success, done, step = False, False, 0
+    episode_id = meta.episode_id(task)
+    while not done and step < max_steps:
+        ctx = StepContext(task, obs, list(history), step, max_steps, last_info)
+        oracle = _safe_oracle(env)
+        t0 = time.perf_counter()
+        decision = agent.decide(ctx, env)
+        latency_ms = (time.perf_counter() - t0) * 1e3
+        row = {
+            "experiment": meta.experiment, "env": env.name, "task_id": task.task_id, "split": meta.split,
+            "episode_id": episode_id, "policy": meta.policy, "perturbation_seed": meta.seed,
+            "perturbation": list(last_info.get("perturbations", [])), "step": step, "goal": ctx.goal,
+            "observation": obs.text, "observation_truncated": bool(obs.truncated),
+            "admissible": list(obs.admissible) if obs.admissible is not None else None,
+            "history": [a for a, _ in history[-history_steps:]], "action": decision.action,
+            "actor": decision.actor, "oracle_action": oracle,
+            "candidates": [c.as_row() for c in decision.candidates], "entropy": decision.entropy,
+            "features": decision.features, "risk": decision.risk, "escalated": decision.escalated,
+            "escalation_error": decision.escalation_error, "tool_failed": bool(last_info.get("tool_failed", False)),
+            "latency_ms": latency_ms, "teacher_tokens": decision.teacher_tokens,
+        }
+        if not decision.action:  # the acting policy had nothing to offer (e.g. teacher down): stop honestly
+            row.update(reward=0.0, done=True)
+            rows.append(row)
+            break
+        result = env.step(decision.action)
+        row.update(reward=float(result.reward), done=bool(result.done))
+        rows.append(row)
+        history.append((decision.action, result.observation.text))
+        obs, last_info, done, success = result.observation, result.info, result.done, result.success
+        step += 1
+    for r in rows:
+        r["episode_success"] = bool(success)
+    return rows
+
+
+def _safe_oracle(env: Env) -> str | None:
+    try:
+        return env.oracle_action()
+    except Exception:  # an oracle that cannot plan from here is a missing label, not a crash
+        return None
