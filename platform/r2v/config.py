@@ -105,7 +105,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "${runs_dir}/${experiment}/models/init"  # any HF causal-LM directory
+    path: str = "${runs_dir}/${experiment}/models/init"  # the base SLM: any HF causal-LM directory
+    build_from_config: bool = True  # init-model builds `path` from `init` (quickstart); False: `path` must exist
     init: TinyModelConfig = field(default_factory=TinyModelConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16

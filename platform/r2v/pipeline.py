@@ -39,7 +39,7 @@ COMMON = ("experiment", "seed", "env")
 STAGES: tuple[Stage, ...] = (
     Stage("tasks", "r2v.envs.stage:run_tasks", COMMON, "conf", "tasks/splits.json (+ generated games)", 3),
     Stage("collect-teacher", "r2v.rollout.stage:run_collect_teacher", COMMON + ("teacher", "collect"), "tasks", "rollouts/teacher/*.parquet", 4),
-    Stage("init-model", None, COMMON + ("model",), "rollouts/teacher", "models/init/", 4),
+    Stage("init-model", "r2v.policies.init_model:run_init_model", COMMON + ("model",), "rollouts/teacher", "models/init/", 4),
     Stage("train-bc", None, COMMON + ("model", "policy", "bc"), "rollouts/teacher, models/init", "models/bc/", 5),
     Stage("build-pairs", None, COMMON + ("policy", "verifier", "dpo"), "models/bc", "pairs/*.parquet", 5),
     Stage("train-dpo", None, COMMON + ("policy", "dpo"), "pairs, models/bc", "models/dpo/", 5),

@@ -1,7 +1,8 @@
 """The one prompt template every policy (SLM, HTTP teacher, serve) renders a step with.
 
 Short on purpose: the quickstart SLM has a few hundred tokens of context. The action is the completion
-that follows `Action:`; training puts the loss on its tokens only.
+that follows `Action:`; training puts the loss on its tokens only. Rollouts record the goal, the past
+actions and the observation of every step, so a recorded step renders to exactly the prompt the policy saw.
 """
 from __future__ import annotations
 
@@ -16,13 +17,23 @@ def _clip(text: str, limit: int) -> str:
 
 
 def render_prompt(ctx: StepContext, history_steps: int = 4, obs_chars: int = 600) -> str:
-    """Goal, the last `history_steps` actions (with a short echo of what each returned), the current
-    observation, then the action marker."""
-    lines = [f"Goal: {_clip(ctx.goal, 1200)}"]
-    recent = ctx.history[-history_steps:] if history_steps > 0 else []
+    return format_prompt(ctx.goal, [a for a, _ in ctx.history], ctx.observation.text, history_steps, obs_chars)
+
+
+def prompt_from_row(row: dict, history_steps: int = 4, obs_chars: int = 600) -> str:
+    """The prompt of a recorded step (a row of the `steps` schema): the same text the policy saw."""
+    return format_prompt(row.get("goal") or "", list(row.get("history") or []), row.get("observation") or "",
+                         history_steps, obs_chars)
+
+
+def format_prompt(goal: str, past_actions: list[str], observation: str, history_steps: int = 4,
+                  obs_chars: int = 600) -> str:
+    """Goal, the last `history_steps` actions, the current observation, then the action marker."""
+    lines = [f"Goal: {_clip(goal, 1200)}"]
+    recent = past_actions[-history_steps:] if history_steps > 0 else []
     if recent:
-        lines.append("Recent: " + " | ".join(f"{a} -> {_clip(o, 60)}" for a, o in recent))
-    lines.append(f"Observation: {_clip(ctx.observation.text, obs_chars)}")
+        lines.append("Recent: " + " | ".join(recent))
+    lines.append(f"Observation: {_clip(observation, obs_chars)}")
     return "\n".join(lines) + ACTION_MARKER
 
 

@@ -30,7 +30,7 @@ def run_episode(env: Env, agent: Agent, task: Task, meta: EpisodeMeta, max_steps
     obs = env.reset(task, seed=meta.seed)
     history: list[tuple[str, str]] = []
     rows: list[dict[str, Any]] = []
-    last_info: dict[str, Any] = {}
+    last_info: dict[str, Any] = dict(getattr(env, "reset_info", None) or {})  # perturbations of the first obs
     success, done, step = False, False, 0
     episode_id = meta.episode_id(task)
     while not done and step < max_steps:

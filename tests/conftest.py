@@ -1,0 +1,42 @@
+"""Shared pytest fixtures. Expensive things (generated games, built models) are session-scoped and built
+into pytest's temp folder: tests never download anything. Add new fixtures here, one small block each."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+
+# ----------------------------------------------------------------------------------------- TextWorld
+TW_LEVELS = [1, 2, 3, 4]
+TW_GAMES_PER_LEVEL = 2  # 8 small treasure-hunter games, ~0.6 s each to generate
+
+
+@pytest.fixture(scope="session")
+def tw_session_cfg(tmp_path_factory):
+    """An EnvConfig for 8 small TextWorld games, generated once per test session into a temp cache.
+    Do not mutate it: use `tw_cfg` for a private copy."""
+    pytest.importorskip("textworld")
+    from r2v.config import EnvConfig
+    from r2v.envs.registry import load_tasks
+
+    cfg = EnvConfig(name="textworld", max_steps=30)
+    cfg.textworld.challenge = "tw-treasure_hunter"
+    cfg.textworld.levels = list(TW_LEVELS)
+    cfg.textworld.games_per_level = TW_GAMES_PER_LEVEL
+    cfg.textworld.cache_dir = str(tmp_path_factory.mktemp("textworld_cache"))
+    load_tasks(cfg)  # generate now, so that per-test timings do not include generation
+    return cfg
+
+
+@pytest.fixture
+def tw_cfg(tw_session_cfg):
+    """A private copy of the TextWorld EnvConfig (perturbations off); the game cache is shared."""
+    return copy.deepcopy(tw_session_cfg)
+
+
+@pytest.fixture(scope="session")
+def tw_tasks(tw_session_cfg):
+    from r2v.envs.registry import load_tasks
+
+    return load_tasks(tw_session_cfg)
