@@ -53,3 +53,15 @@ def parse_action(text: str) -> str:
         return text
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     return first.strip("'\"`").strip()
+
+
+def encode_pair(tokenizer, prompt: str, completion_text: str, max_tokens: int) -> tuple[list[int], int]:
+    """Token ids of prompt + completion + eos and the number of prompt tokens. The prompt is cut from the
+    left so the whole fits in `max_tokens` (the goal may be lost, the action never is). Training and
+    scoring both use this, so a model is scored on exactly the token split it was trained on."""
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c = tokenizer(completion_text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    c = c[:max_tokens - 1]
+    keep = max(1, max_tokens - len(c))
+    p = p[-keep:]
+    return p + c, len(p)

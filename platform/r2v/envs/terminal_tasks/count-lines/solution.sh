@@ -1,0 +1,4 @@
+#!/bin/bash
+# Oracle: one command per line (each line is one env step, run in /app).
+# `# r2v: may-fail` marks a diagnostic step expected to fail (the oracle does not retry it).
+wc -l < data.txt > count.txt

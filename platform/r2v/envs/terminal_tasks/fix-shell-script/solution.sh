@@ -1,0 +1,6 @@
+#!/bin/bash
+# Oracle: one command per line (each line is one env step, run in /app).
+# `# r2v: may-fail` marks a diagnostic step expected to fail (the oracle does not retry it).
+bash -n report.sh  # r2v: may-fail
+sed -i 's/numbers.txt) do/numbers.txt); do/' report.sh
+bash report.sh

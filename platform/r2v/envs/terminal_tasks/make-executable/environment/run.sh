@@ -1,0 +1,2 @@
+#!/bin/bash
+echo 'ran ok' > /app/output.txt

@@ -1,0 +1,293 @@
+"""The SLM policy: any Hugging Face causal-LM directory, batched over many env states at once.
+
+Two modes (`policy.mode`):
+- `rank`: score every admissible action by its summed token log-prob and act greedily; the policy's
+  distribution over actions is the softmax of those scores (its entropy is the step's entropy). On
+  TextWorld this beats free generation by far for a small model (PITFALLS.md).
+- `generate`: sample K candidates (temperature/top-p), re-score each, keep distinct ones; entropy is
+  the first-token entropy.
+Every decision carries its K best candidates with summed and mean log-probs: the verifier and the router
+read them.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+
+from r2v.config import ModelConfig, PolicyConfig, R2VConfig
+from r2v.envs.base import Env
+from r2v.errors import R2VError
+from r2v.policies.base import Candidate, Decision, StepContext
+from r2v.policies.prompts import completion, encode_pair, parse_action, render_prompt
+
+
+def resolve_device(spec: str = "auto"):
+    import torch
+
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise R2VError(f"`model.device` = {spec!r} but no CUDA device is visible; use model.device=auto or cpu")
+    return torch.device(spec)
+
+
+def resolve_dtype(spec: str, device):
+    import torch
+
+    if spec == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return getattr(torch, spec)
+    except AttributeError:
+        raise R2VError(f"`model.dtype` = {spec!r} is not a torch dtype (float32, bfloat16, float16)") from None
+
+
+def load_slm(path: str | Path, model_cfg: ModelConfig, device=None):
+    """(model, tokenizer) from an HF directory; a LoRA adapter directory is loaded on top of its base."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise R2VError(f"{path} is not a Hugging Face model directory (no config.json / adapter_config.json); "
+                       "run the stage that writes it (init-model, train-bc, train-dpo) or fix `model.path`")
+    device = device or resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.to(device).eval()
+    return model, tokenizer
+
+
+class SLMPolicy:
+    def __init__(self, path: str | Path, model_cfg: ModelConfig, policy_cfg: PolicyConfig, device=None):
+        self.path = str(path)
+        self.model_cfg = model_cfg
+        self.cfg = policy_cfg
+        self.model, self.tokenizer = load_slm(path, model_cfg, device)
+        self.device = next(self.model.parameters()).device
+        self.max_tokens = model_cfg.max_context_tokens
+
+    # -- scoring --------------------------------------------------------------------------------------
+    def score(self, prompts: list[str], completions: list[str], batch_size: int = 64) -> list[tuple[float, float]]:
+        """(summed, mean) log-prob of each completion (+eos) after its prompt."""
+        import torch
+
+        encoded = [encode_pair(self.tokenizer, p, c, self.max_tokens) for p, c in zip(prompts, completions)]
+        out: list[tuple[float, float]] = []
+        pad = self.tokenizer.pad_token_id
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i : i + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, (seq, _) in enumerate(chunk):
+                ids[j, : len(seq)] = torch.tensor(seq)
+                mask[j, : len(seq)] = 1
+            with torch.no_grad():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            for j, (seq, n_prompt) in enumerate(chunk):
+                target = torch.tensor(seq[n_prompt:], device=self.device)
+                lp = logp[j, n_prompt - 1 : len(seq) - 1].gather(-1, target[:, None]).squeeze(-1)
+                out.append((float(lp.sum()), float(lp.mean())))
+        return out
+
+    # -- acting ---------------------------------------------------------------------------------------
+    def act(self, ctxs: list[StepContext]) -> list[Decision]:
+        ranked = [i for i, c in enumerate(ctxs) if self.cfg.mode == "rank" and c.observation.admissible]
+        generated = [i for i in range(len(ctxs)) if i not in set(ranked)]
+        decisions: dict[int, Decision] = {}
+        if ranked:
+            decisions.update(zip(ranked, self.rank([ctxs[i] for i in ranked])))
+        if generated:
+            decisions.update(zip(generated, self.generate([ctxs[i] for i in generated])))
+        return [decisions[i] for i in range(len(ctxs))]
+
+    def prompt(self, ctx: StepContext) -> str:
+        return render_prompt(ctx, self.cfg.history_steps)
+
+    def rank(self, ctxs: list[StepContext]) -> list[Decision]:
+        prompts, comps, owner = [], [], []
+        for i, ctx in enumerate(ctxs):
+            p = self.prompt(ctx)
+            for a in ctx.observation.admissible:
+                prompts.append(p)
+                comps.append(completion(a))
+                owner.append((i, a))
+        scores = self.score(prompts, comps)
+        per: list[list[Candidate]] = [[] for _ in ctxs]
+        for (i, a), (s, m) in zip(owner, scores):
+            per[i].append(Candidate(a, s, m))
+        decisions = []
+        for cands in per:
+            cands.sort(key=lambda c: c.logprob, reverse=True)
+            decisions.append(Decision(action=cands[0].text, actor="slm",
+                                      candidates=cands[: self.cfg.num_candidates],
+                                      entropy=_entropy([c.logprob for c in cands])))
+        return decisions
+
+    def generate(self, ctxs: list[StepContext]) -> list[Decision]:
+        import torch
+
+        k = self.cfg.num_candidates
+        prompts = [self.prompt(c) for c in ctxs]
+        budget = max(8, self.max_tokens - self.cfg.max_new_tokens)
+        enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"][-budget:] for p in prompts]
+        width = max(len(e) for e in enc)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=self.device)
+        mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(e) for e in enc])[:, None]).long()
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask.to(self.device), do_sample=True,
+                temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens,
+                num_return_sequences=k, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
+                output_logits=True, return_dict_in_generate=True,
+            )
+        first = torch.log_softmax(out.logits[0].float(), dim=-1)  # raw (B*k, V); rows of one prompt are equal
+        texts = self.tokenizer.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
+        decisions = []
+        for i, ctx in enumerate(ctxs):
+            actions = list(dict.fromkeys(a for a in (parse_action(t) for t in texts[i * k : (i + 1) * k]) if a))
+            if not actions:  # nothing parseable: an empty action, which ends the episode as the SLM's failure
+                actions = [""]
+            scores = self.score([prompts[i]] * len(actions), [completion(a) for a in actions])
+            cands = sorted((Candidate(a, s, m) for a, (s, m) in zip(actions, scores)),
+                           key=lambda c: c.logprob, reverse=True)
+            ent = float(-(first[i * k].exp() * first[i * k]).sum())
+            decisions.append(Decision(action=cands[0].text, actor="slm", candidates=cands, entropy=ent))
+        return decisions
+
+
+def _entropy(logits: list[float]) -> float:
+    m = max(logits)
+    ps = [math.exp(x - m) for x in logits]
+    z = sum(ps)
+    return float(-sum(p / z * math.log(p / z) for p in ps if p > 0))
+
+
+class SLMAgent:
+    """The SLM acting alone (the `slm` rollout policy and the `slm_only` baseline)."""
+
+    name = "slm"
+
+    def __init__(self, policy):
+        self.policy = policy  # an SLMPolicy, or a handle with the same `act` (see SLMServer)
+
+    def decide(self, ctx: StepContext, env: Env) -> Decision:
+        return self.policy.act([ctx])[0]
+
+
+class SLMServer:
+    """One model per GPU (per node on CPU) serving every env worker: calls from many workers are
+    collected into batches of up to `max_batch` (waiting at most `max_wait_s` for company). Run as a
+    threaded Ray actor (`max_concurrency` ≥ the number of workers)."""
+
+    def __init__(self, path: str, model_cfg: ModelConfig, policy_cfg: PolicyConfig,
+                 max_batch: int = 32, max_wait_s: float = 0.005):
+        self.policy = SLMPolicy(path, model_cfg, policy_cfg)
+        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+        self._cv = threading.Condition()
+        self._queue: list[tuple[StepContext, dict]] = []
+        self.batches: list[int] = []
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def act(self, ctxs: list[StepContext]) -> list[Decision]:
+        slots = [{"event": threading.Event()} for _ in ctxs]
+        with self._cv:
+            self._queue.extend(zip(ctxs, slots))
+            self._cv.notify()
+        for s in slots:
+            s["event"].wait()
+        for s in slots:
+            if "error" in s:
+                raise s["error"]
+        return [s["decision"] for s in slots]
+
+    def _loop(self) -> None:
+        import time
+
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                deadline = time.monotonic() + self.max_wait_s
+                while len(self._queue) < self.max_batch and time.monotonic() < deadline:
+                    self._cv.wait(timeout=max(0.0, deadline - time.monotonic()))
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            self.batches.append(len(batch))
+            try:
+                for (_, slot), d in zip(batch, self.policy.act([c for c, _ in batch])):
+                    slot["decision"] = d
+            except Exception as e:  # every waiting caller gets the error, none hangs
+                for _, slot in batch:
+                    slot["error"] = e
+            for _, slot in batch:
+                slot["event"].set()
+
+    def batch_sizes(self) -> list[int]:
+        return list(self.batches)
+
+
+class RemoteSLM:
+    """A picklable handle to an SLMServer actor with SLMPolicy's `act` signature."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def act(self, ctxs: list[StepContext]) -> list[Decision]:
+        import ray
+
+        return ray.get(self.actor.act.remote(ctxs))
+
+
+class SLMAgentFactory:
+    """Builds an SLMAgent inside an env worker: over a shared SLMServer when given one, else a local copy."""
+
+    def __init__(self, path: str, server=None):
+        self.path, self.server = path, server
+
+    def __call__(self, cfg: R2VConfig) -> SLMAgent:
+        if self.server is not None:
+            return SLMAgent(RemoteSLM(self.server))
+        return SLMAgent(SLMPolicy(self.path, cfg.model, cfg.policy))
+
+
+def start_slm_server(cfg: R2VConfig, path: str, num_workers: int):
+    """The SLM actor for a collection: on a GPU when the cluster has one, else on CPU."""
+    import ray
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.model.device in ("auto", "cuda")
+    return ray.remote(SLMServer).options(
+        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else cfg.collect.cpus_per_worker,
+        max_concurrency=max(4, 2 * num_workers), max_restarts=cfg.collect.max_restarts,
+    ).remote(path, cfg.model, cfg.policy)
+
+
+class HFTeacher:
+    """A local HF model as the teacher (greedy), behind the Teacher interface."""
+
+    kind = "hf"
+
+    def __init__(self, cfg: R2VConfig):
+        if not cfg.teacher.model:
+            raise R2VError("teacher.kind=hf needs `teacher.model` = a local HF model directory")
+        self.policy = SLMPolicy(cfg.teacher.model, cfg.model, cfg.policy)
+
+    def act(self, ctx: StepContext, env: Env):
+        import time
+
+        from r2v.policies.teachers import TeacherReply
+
+        t0 = time.perf_counter()
+        d = self.policy.act([ctx])[0]
+        return TeacherReply(d.action, 0, (time.perf_counter() - t0) * 1e3)
