@@ -195,6 +195,12 @@ class DPOConfig:
 class VerifierConfig:
     kind: str = "rule"  # rule | learned
     epochs: int = 5
+    min_steps: int = 300  # learned: at least this many optimiser steps (small datasets need more than `epochs`)
+    batch_size: int = 256
+    learning_rate: float = 0.01
+    hidden_size: int = 32  # learned: MLP width; 0 = logistic regression
+    hash_dim: int = 8192  # learned: buckets for hashed n-gram features
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
 
 
 @dataclass
@@ -216,6 +222,10 @@ class RouterConfig:
     kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
     rollout_seeds: list[int] = field(default_factory=lambda: list(range(8)))
     branch_steps_per_episode: int = 3
+    batch_size: int = 256  # router minibatch; CVaR is taken over the seeds present in each batch
+    weight_decay: float = 1e-4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (the router is tiny: cpu is fine)
+    calibration: str = "temperature"  # temperature (σ(z/T)) | platt (σ(z/T + b): also undoes the cost term's shift)
 
 
 @dataclass
@@ -390,6 +400,7 @@ def validate(cfg: R2VConfig) -> None:
         "verifier.kind": (cfg.verifier.kind, {"rule", "learned"}),
         "router.label": (cfg.router.label, {"episode", "branch"}),
         "router.threshold": (cfg.router.threshold, {"bayes", "budget", "cvar"}),
+        "router.calibration": (cfg.router.calibration, {"temperature", "platt"}),
         "model.init.architecture": (cfg.model.init.architecture, {"llama", "qwen2"}),
     }
     for key, (value, allowed) in choices.items():

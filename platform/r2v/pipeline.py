@@ -43,7 +43,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train-bc", None, COMMON + ("model", "policy", "bc"), "rollouts/teacher, models/init", "models/bc/", 5),
     Stage("build-pairs", None, COMMON + ("policy", "verifier", "dpo"), "models/bc", "pairs/*.parquet", 5),
     Stage("train-dpo", None, COMMON + ("policy", "dpo"), "pairs, models/bc", "models/dpo/", 5),
-    Stage("train-verifier", None, COMMON + ("verifier",), "rollouts", "models/verifier/", 9),
+    Stage("train-verifier", "r2v.verifier.learned:run_train_verifier", COMMON + ("verifier",), "rollouts", "models/verifier/", 9),
     Stage("collect-router", None, COMMON + ("policy", "router"), "models/dpo", "router/*.parquet", 9),
     Stage("train-router", None, COMMON + ("router",), "router rows", "models/router/", 9),
     Stage("sweep", None, COMMON + ("router", "sweep"), "router rows", "sweep/frontier.parquet, best-*.yaml", 6),

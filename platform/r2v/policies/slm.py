@@ -267,8 +267,10 @@ def start_slm_server(cfg: R2VConfig, path: str, num_workers: int):
     import ray
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.model.device in ("auto", "cuda")
+    # On CPU the server reserves no CPU: it computes while the env workers wait on it, so reserving a
+    # core would only leave an env worker unscheduled.
     return ray.remote(SLMServer).options(
-        num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else cfg.collect.cpus_per_worker,
+        num_gpus=1 if use_gpu else 0, num_cpus=0,
         max_concurrency=max(4, 2 * num_workers), max_restarts=cfg.collect.max_restarts,
     ).remote(path, cfg.model, cfg.policy)
 

@@ -68,6 +68,20 @@ def plan_units(tasks: dict[str, list[Task]], seeds: list[int], episodes_per_task
     ]
 
 
+def fit_workers(requested: int, cpus_each: float, units: int) -> int:
+    """Workers that can all be scheduled now: an actor left pending for want of CPUs would hold its
+    episode forever."""
+    import ray
+
+    free = ray.available_resources().get("CPU", 0.0)
+    fit = int(free // cpus_each) if cpus_each > 0 else requested
+    n = max(1, min(requested, units, fit))
+    if n < min(requested, units):
+        print(f"[collect] {free:g} free CPUs fit {n} of the {requested} requested env workers "
+              f"(collect.cpus_per_worker={cpus_each:g})")
+    return n
+
+
 def collect(cfg: R2VConfig, units: list[Unit], agent_factory: AgentFactory, out_dir: str | Path,
             progress: bool = True, on_started: Callable[[list], None] | None = None) -> dict[str, Any]:
     """Play every unit whose shard is missing, on `collect.num_workers` env-worker actors."""
@@ -91,7 +105,7 @@ def collect(cfg: R2VConfig, units: list[Unit], agent_factory: AgentFactory, out_
         max_restarts=cfg.collect.max_restarts,
         max_task_retries=cfg.collect.max_task_retries,
     )
-    n_workers = max(1, min(cfg.collect.num_workers, len(todo)))
+    n_workers = fit_workers(cfg.collect.num_workers, cfg.collect.cpus_per_worker, len(todo))
     workers = [actor_cls.remote(cfg, agent_factory, str(out_dir)) for _ in range(n_workers)]
     if on_started:
         on_started(workers)

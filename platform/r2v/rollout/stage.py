@@ -35,16 +35,41 @@ def rollout_dir(cfg: R2VConfig, policy: str):
     return cfg.experiment_dir / "rollouts" / policy
 
 
-AGENTS = {"teacher": teacher_agent}
+def latest_policy_dir(cfg: R2VConfig) -> str:
+    """The most trained SLM of this experiment: models/dpo, else models/bc, else `model.path`."""
+    for stage in ("dpo", "bc"):
+        path = cfg.experiment_dir / "models" / stage
+        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+            return str(path)
+    return cfg.model.path
 
 
-def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | None = None) -> dict[str, Any]:
+def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | None = None,
+                seeds: list[int] | None = None, model_dir: str | None = None) -> dict[str, Any]:
+    """Collect `policy` episodes (teacher | slm) on the given splits under the given perturbation seeds.
+    The SLM is served by one batched model actor shared by all env workers."""
+    import ray
+
+    from r2v.ray_utils import init_ray
+
     policy = policy or cfg.collect.policy
-    if policy not in AGENTS:
-        raise R2VError(f"`collect.policy={policy}` is not built yet; available: {sorted(AGENTS)}")
     tasks = tasks_by_split(cfg, splits or [cfg.collect.split])
-    units = plan_units(tasks, list(cfg.collect.perturbation_seeds), cfg.collect.episodes_per_task, policy)
-    return collect(cfg, units, AGENTS[policy], rollout_dir(cfg, policy))
+    seeds = list(seeds if seeds is not None else cfg.collect.perturbation_seeds)
+    units = plan_units(tasks, seeds, cfg.collect.episodes_per_task, policy)
+    if policy == "teacher":
+        return collect(cfg, units, teacher_agent, rollout_dir(cfg, policy))
+    if policy == "slm":
+        from r2v.policies.slm import SLMAgentFactory, start_slm_server
+
+        init_ray(cfg)
+        path = model_dir or latest_policy_dir(cfg)
+        server = start_slm_server(cfg, path, cfg.collect.num_workers)
+        try:
+            summary = collect(cfg, units, SLMAgentFactory(path, server), rollout_dir(cfg, policy))
+        finally:
+            ray.kill(server)
+        return {**summary, "model": path}
+    raise R2VError(f"`collect.policy={policy}` is not available here; use teacher or slm (routed runs in `r2v eval`)")
 
 
 def run_collect_teacher(cfg: R2VConfig) -> dict[str, Any]:

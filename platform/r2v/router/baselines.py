@@ -1,0 +1,356 @@
+"""Routers behind one interface and a name registry (RouteLLM's shape): each scores a step with
+`risk(features) -> float`, higher = more reason to call the LLM, and escalates when risk ≥ threshold.
+
+`features` is `features_by_name(vec)` of the SLM's proposal (FEATURE_NAMES), plus, for the oracle router,
+`slm_disagrees_with_oracle`. Thresholded routers can be calibrated to a target LLM-call rate on
+validation rows with the same `budget_threshold` as r2v, so methods are compared at matched budgets.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from r2v.errors import R2VError
+from r2v.router.features import FEATURE_NAMES, FEATURE_VERSION, vector_from_dict
+from r2v.router.thresholds import budget_threshold, realised_rate
+
+ORACLE_KEY = "slm_disagrees_with_oracle"
+
+
+class Router:
+    """A scoring rule plus a threshold. `strict` rules escalate on risk > threshold (e.g. H > h); a
+    threshold calibrated to a budget always uses ≥, like r2v. `fixed` routers have no threshold to tune."""
+
+    name = "router"
+    fixed = False
+
+    def __init__(self, threshold: float = 0.5, strict: bool = False):
+        self.threshold = float(threshold)
+        self.strict = strict
+
+    def risk(self, features: dict[str, float]) -> float:
+        raise NotImplementedError
+
+    def escalate(self, features: dict[str, float]) -> bool:
+        r = self.risk(features)
+        return bool(r > self.threshold) if self.strict else bool(r >= self.threshold)
+
+    def reset(self) -> None:
+        """A new episode starts (routers with per-episode state override this)."""
+
+    def risks(self, rows: Sequence[dict[str, float]], episode_ids: Sequence[Any] | None = None) -> np.ndarray:
+        """Risk of many logged steps at once (offline: calibration, sweeps)."""
+        return np.array([self.risk(r) for r in rows], dtype=np.float64)
+
+    def calibrate(self, rows: Sequence[dict[str, float]], budget: float,
+                  episode_ids: Sequence[Any] | None = None) -> tuple[float, float]:
+        """Set the threshold whose LLM-call rate on `rows` is closest to `budget` without exceeding it;
+        returns (threshold, realised rate on rows). Fixed routers keep theirs and report their rate."""
+        scores = self.risks(rows, episode_ids)
+        if not self.fixed:
+            self.threshold = budget_threshold(scores, budget)
+            self.strict = False
+        return self.threshold, self.rate(scores)
+
+    def rate(self, scores: np.ndarray) -> float:
+        """LLM-call rate this router's threshold gives on precomputed scores."""
+        if self.strict:
+            return float((np.asarray(scores) > self.threshold).mean()) if len(scores) else 0.0
+        return realised_rate(scores, self.threshold)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able kwargs that rebuild this router with `make_router(name, **config)`."""
+        return {"threshold": self.threshold, "strict": self.strict}
+
+
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register(name: str) -> Callable[[type[Router]], type[Router]]:
+    def wrap(cls: type[Router]) -> type[Router]:
+        cls.name = name
+        ROUTERS[name] = cls
+        return cls
+
+    return wrap
+
+
+def make_router(name: str, **kw: Any) -> Router:
+    if name not in ROUTERS:
+        raise R2VError(f"unknown router {name!r} (router.kind / eval.methods); known: {sorted(ROUTERS)}")
+    try:
+        return ROUTERS[name](**kw)
+    except TypeError as e:
+        raise R2VError(f"router {name!r}: bad arguments {sorted(kw)}: {e}") from None
+
+
+def _get(features: dict[str, float], key: str) -> float:
+    if key not in features:
+        raise R2VError(f"router features lack {key!r}: build them with FeatureTracker + features_by_name "
+                       f"({FEATURE_VERSION})")
+    return float(features[key])
+
+
+# ----------------------------------------------------------------------------------------- baselines
+@register("slm_only")
+class SLMOnlyRouter(Router):
+    """Never escalates."""
+
+    fixed = True
+
+    def __init__(self):
+        super().__init__(threshold=math.inf)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return 0.0
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
+@register("llm_only")
+class LLMOnlyRouter(Router):
+    """Always escalates."""
+
+    fixed = True
+
+    def __init__(self):
+        super().__init__(threshold=0.0)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return 1.0
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
+@register("random")
+class RandomRouter(Router):
+    """Escalates each step with probability `budget` (seeded): the matched-budget floor."""
+
+    def __init__(self, budget: float = 0.3, seed: int = 0):
+        if not 0 <= budget <= 1:
+            raise R2VError(f"random router: budget = {budget} must be in [0, 1]")
+        super().__init__(threshold=1.0 - budget)
+        self.budget, self.seed = float(budget), int(seed)
+        self.rng = np.random.default_rng(self.seed)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return float(self.rng.random())  # uniform in [0, 1): P(u ≥ 1 − budget) = budget
+
+    def calibrate(self, rows, budget, episode_ids=None):
+        """The budget *is* the parameter: no validation scores needed."""
+        self.budget, self.threshold, self.strict = float(budget), 1.0 - float(budget), False
+        return self.threshold, self.budget
+
+    def config(self) -> dict[str, Any]:
+        return {"budget": self.budget, "seed": self.seed}
+
+
+@register("entropy")
+class EntropyRouter(Router):
+    """Escalates when the policy entropy H > h."""
+
+    def __init__(self, threshold: float = 1.0, strict: bool = True):
+        super().__init__(threshold, strict)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return _get(features, "entropy")
+
+
+@register("heuristic")
+class HeuristicRouter(Router):
+    """Escalates when H > h_max or V_mean < v_min; one score max(H − h_max, v_min − V_mean) > 0, so a
+    calibrated threshold moves both margins together."""
+
+    def __init__(self, h_max: float = 2.5, v_min: float = 0.4, threshold: float = 0.0, strict: bool = True):
+        super().__init__(threshold, strict)
+        self.h_max, self.v_min = float(h_max), float(v_min)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return max(_get(features, "entropy") - self.h_max, self.v_min - _get(features, "verifier_mean"))
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "h_max": self.h_max, "v_min": self.v_min}
+
+
+@register("verifier")
+class VerifierRouter(Router):
+    """Escalates when the best candidate's verifier score V_best < 0.5 (risk = 1 − V_best > 0.5)."""
+
+    def __init__(self, threshold: float = 0.5, strict: bool = True):
+        super().__init__(threshold, strict)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return 1.0 - _get(features, "verifier_best")
+
+
+@register("oracle")
+class OracleRouter(Router):
+    """Hindsight upper reference: escalates exactly when the SLM's proposal differs from the env oracle's
+    action (the caller sets features['slm_disagrees_with_oracle'])."""
+
+    fixed = True
+
+    def __init__(self):
+        super().__init__(threshold=1.0)
+
+    def risk(self, features: dict[str, float]) -> float:
+        if ORACLE_KEY not in features:
+            raise R2VError(f"oracle router needs features[{ORACLE_KEY!r}] (1.0 when the SLM's action differs from "
+                           f"env.oracle_action()); the routed agent must set it")
+        return float(features[ORACLE_KEY])
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
+@register("r2v")
+class R2VRouter(Router):
+    """The calibrated risk model: risk = p; threshold = the model's own (from router.threshold) unless given."""
+
+    def __init__(self, model: Any = None, model_dir: str | None = None, threshold: float | None = None,
+                 device: str | None = None):
+        from r2v.router.model import RiskModel
+
+        if model is None:
+            if model_dir is None:
+                raise R2VError("r2v router needs a trained model: pass model= or model_dir= (models/router/)")
+            model = RiskModel.load(model_dir, device=device)
+        self.model, self.model_dir = model, (str(model_dir) if model_dir is not None else None)
+        super().__init__(model.threshold if threshold is None else threshold, strict=False)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return float(self.model.predict(np.asarray([vector_from_dict(features, self.model.feature_names)]))[0])
+
+    def risks(self, rows, episode_ids=None) -> np.ndarray:
+        if len(rows) == 0:
+            return np.zeros(0)
+        return self.model.predict(np.asarray([vector_from_dict(r, self.model.feature_names) for r in rows]))
+
+    def config(self) -> dict[str, Any]:
+        return {"model_dir": self.model_dir, "threshold": self.threshold}
+
+
+@register("pre_execution")
+class PreExecutionRouter(Router):
+    """Decides once per task, before acting: a logistic model on the first step's features predicts
+    episode failure; when p ≥ threshold the WHOLE episode goes to the LLM (every step escalates)."""
+
+    def __init__(self, weights: Sequence[float] | None = None, bias: float = 0.0, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, threshold: float = 0.5,
+                 feature_names: Sequence[str] = FEATURE_NAMES):
+        super().__init__(threshold, strict=False)
+        self.feature_names = tuple(feature_names)
+        d = len(self.feature_names)
+        self.weights = np.zeros(d) if weights is None else np.asarray(weights, dtype=np.float64)
+        self.bias = float(bias)
+        self.mean = np.zeros(d) if mean is None else np.asarray(mean, dtype=np.float64)
+        self.std = np.ones(d) if std is None else np.asarray(std, dtype=np.float64)
+        self._episode_risk: float | None = None
+
+    # -- model
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        z = ((np.asarray(X, dtype=np.float64) - self.mean) / self.std) @ self.weights + self.bias
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def fit(self, data: Any, l2: float = 1e-2) -> "PreExecutionRouter":
+        """Fit on RouterData: one row per episode (its earliest step), label = episode failure."""
+        X, y = first_step_rows(data)
+        if len(X) == 0:
+            raise R2VError("pre_execution router: no training episodes; collect SLM router rows for the train split")
+        self.mean = X.mean(axis=0)
+        std = X.std(axis=0)
+        self.std = np.where(std > 1e-6, std, 1.0)
+        Z = torch.from_numpy((X - self.mean) / self.std)
+        t = torch.from_numpy(y)
+        w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=300, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(Z @ w + b, t) + l2 * (w ** 2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.weights, self.bias = w.detach().numpy().copy(), float(b.detach())
+        return self
+
+    # -- routing
+    def reset(self) -> None:
+        self._episode_risk = None
+
+    def risk(self, features: dict[str, float]) -> float:
+        if self._episode_risk is None or features.get("step", None) == 0:
+            x = np.asarray([vector_from_dict(features, self.feature_names)])
+            self._episode_risk = float(self.predict(x)[0])
+        return self._episode_risk
+
+    def risks(self, rows, episode_ids=None) -> np.ndarray:
+        """Each row gets its episode's first-step score (rows are their own episode without ids)."""
+        if len(rows) == 0:
+            return np.zeros(0)
+        p = self.predict(np.asarray([vector_from_dict(r, self.feature_names) for r in rows]))
+        if episode_ids is None:
+            return p
+        ids = np.asarray(episode_ids)
+        steps = np.asarray([r.get("step", 0.0) for r in rows])
+        out = np.empty_like(p)
+        for e in np.unique(ids):
+            idx = np.nonzero(ids == e)[0]
+            out[idx] = p[idx[np.argmin(steps[idx])]]
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"weights": self.weights.tolist(), "bias": self.bias, "mean": self.mean.tolist(),
+                "std": self.std.tolist(), "threshold": self.threshold, "feature_names": list(self.feature_names)}
+
+
+def first_step_rows(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(X of each episode's earliest step, episode-failure label) from RouterData."""
+    label = data.episode_failed if data.episode_failed is not None else data.y
+    X, y = [], []
+    for e in np.unique(data.episode):
+        idx = np.nonzero(data.episode == e)[0]
+        X.append(data.X[idx[np.argmin(data.step[idx])]])
+        y.append(float(np.max(label[idx])))
+    return np.asarray(X, dtype=np.float64).reshape(-1, data.X.shape[1]), np.asarray(y, dtype=np.float64)
+
+
+def rows_from_matrix(X: np.ndarray, names: Sequence[str] = FEATURE_NAMES) -> list[dict[str, float]]:
+    """Feature dicts from an n×d matrix (logged router rows → Router.risks / calibrate)."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != len(names):
+        raise R2VError(f"expected an n×{len(names)} feature matrix ({FEATURE_VERSION}), got shape {X.shape}")
+    return [dict(zip(names, map(float, row))) for row in X]
+
+
+def save_router(router: Router, directory: str | Path) -> Path:
+    """baseline.json with the name and config: `load_router` rebuilds it (r2v: also its model dir)."""
+    import json
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "baseline.json").write_text(json.dumps({"name": router.name, "config": router.config()}, indent=1))
+    return d
+
+
+def load_router(directory: str | Path) -> Router:
+    import json
+
+    path = Path(directory) / "baseline.json"
+    if not path.is_file():
+        raise R2VError(f"{path}: no saved router here; save one with r2v.router.baselines.save_router")
+    meta = json.loads(path.read_text())
+    return make_router(meta["name"], **meta["config"])
+
+
+__all__ = ["Router", "ROUTERS", "register", "make_router", "SLMOnlyRouter", "LLMOnlyRouter", "RandomRouter",
+           "EntropyRouter", "HeuristicRouter", "VerifierRouter", "OracleRouter", "R2VRouter", "PreExecutionRouter",
+           "first_step_rows", "rows_from_matrix", "save_router", "load_router", "ORACLE_KEY"]

@@ -1,0 +1,355 @@
+"""Router: features, CVaR objective and dual ascent, calibration, thresholds, the risk model, baselines.
+No Ray; the model tests train on small synthetic data in a few seconds."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from r2v.config import RouterConfig
+from r2v.envs.base import Observation, Task
+from r2v.errors import R2VError
+from r2v.eval.metrics import auroc, ece
+from r2v.policies.base import Candidate, Decision, StepContext
+from r2v.router.baselines import ORACLE_KEY, ROUTERS, PreExecutionRouter, make_router, rows_from_matrix
+from r2v.router.features import FEATURE_INDEX, FEATURE_NAMES, FEATURE_VERSION, FeatureTracker, features_by_name
+from r2v.router.model import RiskModel, RouterData, fit_temperature, nll
+from r2v.router.objective import (cvar, dual_update, multiplier, per_group_residual_failure, router_loss,
+                                  tail_count)
+from r2v.router.thresholds import (bayes_threshold, budget_threshold, calibrate, cvar_threshold, realised_cvar,
+                                   realised_rate)
+
+
+# ----------------------------------------------------------------------------------------- objective
+def test_cvar_known_vectors():
+    v = torch.tensor([0.0, 0.1, 0.5, 0.9])
+    assert cvar(v, 0.5).item() == pytest.approx(0.7)
+    assert cvar(v, 1.0).item() == pytest.approx(0.375)
+    assert cvar(v, 0.2).item() == pytest.approx(0.9)  # ⌈0.8⌉ = 1
+    assert cvar(v, 0.3).item() == pytest.approx(0.7)  # ⌈1.2⌉ = 2
+    assert [tail_count(n, 0.2) for n in (1, 5, 6, 10, 11)] == [1, 1, 2, 2, 3]
+    assert tail_count(10, 0.3) == 3  # 0.3·10 is not rounded up to 4 by float error
+
+
+def test_per_group_residual_failure_and_loss_gradient():
+    p = torch.tensor([0.9, 0.1, 0.5, 0.5], requires_grad=True)
+    y = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    g = torch.tensor([7, 7, 3, 3])
+    r = per_group_residual_failure(p, y, g)
+    assert r.tolist() == pytest.approx([0.25, 0.5])  # group 3: (0 + 0.5)/2; group 7: (0.1 + 0.9)/2
+    loss, parts = router_loss(p, y, g, 2.0, alpha=0.5, epsilon=0.1, cost_llm=1.0, cost_slm=0.0, brier_weight=1.0)
+    assert parts["cvar"] == pytest.approx(0.5) and parts["violation"] == pytest.approx(0.4)
+    assert parts["loss"] == pytest.approx(parts["cost"] + 2.0 * 0.4 + parts["brier"], rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(p.grad).all()
+    assert p.grad[1] < 0  # an un-escalated failure in the worst seed: raising p lowers the loss
+
+
+def test_dual_ascent_raises_then_lowers_lambda():
+    rho = 0.0
+    lams = [multiplier(rho)]
+    for _ in range(20):
+        rho = dual_update(rho, violation=0.2, lr=0.5)
+        lams.append(multiplier(rho))
+    assert all(b > a for a, b in zip(lams, lams[1:]))  # violated → λ rises
+    for _ in range(500):
+        rho = dual_update(rho, violation=-0.3, lr=0.5)
+        assert multiplier(rho) >= 0
+    assert multiplier(rho) < 1e-6  # satisfied → λ decays to (numerically) 0 and stays there
+    assert dual_update(rho, -1.0, 0.5) == rho  # projected: held at the floor
+
+
+# ----------------------------------------------------------------------------------------- thresholds
+def test_bayes_threshold():
+    assert bayes_threshold(1.0, 0.05, 2.0) == pytest.approx(0.475)
+    assert bayes_threshold(1.0, 0.0, 0.5) == 1.0
+    assert bayes_threshold(0.0, 1.0, 1.0) == 0.0
+    with pytest.raises(R2VError, match="kappa"):
+        bayes_threshold(1.0, 0.0, 0.0)
+
+
+def test_budget_threshold_hits_budget_and_reports_held_out_rate():
+    rng = np.random.default_rng(0)
+    p_val, p_test = rng.random(5000), rng.random(5000)
+    for budget in (0.0, 0.05, 0.2, 0.333, 0.7, 1.0):
+        tau, rate = calibrate(p_val, budget)
+        assert rate <= budget + 1e-12
+        assert rate >= budget - 1.0 / len(p_val) - 1e-12  # within one step
+        assert abs(realised_rate(p_test, tau) - budget) < 0.04  # held out: close, not exact
+    assert budget_threshold(p_val, 0.0) > p_val.max()
+    assert budget_threshold(p_val, 1.0) == 0.0
+
+
+def test_budget_threshold_ties():
+    p = np.array([0.9, 0.9, 0.9, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    tau = budget_threshold(p, 0.2)  # the three tied 0.9s would exceed 20%: escalate none
+    assert realised_rate(p, tau) == 0.0
+    assert realised_rate(p, budget_threshold(p, 0.3)) == pytest.approx(0.3)
+    assert realised_rate(p, budget_threshold(p, 0.95)) == pytest.approx(0.3)
+    with pytest.raises(R2VError, match="empty"):
+        budget_threshold([], 0.2)
+
+
+def test_cvar_threshold_is_largest_feasible():
+    rng = np.random.default_rng(1)
+    n = 800
+    g = rng.integers(0, 8, n)
+    y = (rng.random(n) < 0.3 + 0.05 * g).astype(float)
+    p = np.clip(0.5 * y + 0.5 * rng.random(n), 0, 1)
+    for eps in (0.0, 0.05, 0.2, 1.0):
+        tau = cvar_threshold(p, y, g, 0.25, eps)
+        assert realised_cvar(p, y, g, tau, 0.25) <= eps + 1e-12
+        higher = np.unique(p)[np.unique(p) > tau]
+        if higher.size:  # the next larger distinct τ violates the bound
+            assert realised_cvar(p, y, g, higher[0], 0.25) > eps
+    assert cvar_threshold(p, y, g, 0.25, 1.0) > p.max()  # loose bound: never escalate
+
+
+# ----------------------------------------------------------------------------------------- calibration
+def test_temperature_scaling_lowers_nll_of_overconfident_logits():
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-true_logit))).astype(float)
+    over = 4.0 * true_logit  # deliberately over-confident
+    t = fit_temperature(over, y)
+    assert 3.0 < t < 5.5
+    assert nll(over, y, t) < nll(over, y) - 0.1
+    assert 0.05 <= fit_temperature(over, np.ones_like(y)) <= 20
+
+
+# ----------------------------------------------------------------------------------------- features
+def _ctx(step=0, history=(), obs="You are in a kitchen.", truncated=False, last_info=None):
+    return StepContext(task=Task("t1", "textworld", goal="find the key"),
+                       observation=Observation(goal="find the key", text=obs, truncated=truncated),
+                       history=list(history), step=step, max_steps=10, last_info=last_info or {})
+
+
+def _decision(action="go north", lps=(-1.0, -3.0, -4.0), vs=(0.9, 0.2, None), entropy=0.7):
+    texts = [action, "go south", "take key"]
+    cands = [Candidate(t, lp, lp / 2, v) for t, lp, v in zip(texts, lps, vs)]
+    return Decision(action=action, actor="slm", candidates=cands, entropy=entropy)
+
+
+def test_feature_tracker_values_and_dynamics():
+    tr = FeatureTracker()
+    f0 = features_by_name(tr.features(_ctx(), _decision()))
+    assert len(f0) == len(FEATURE_NAMES) and all(math.isfinite(v) for v in f0.values())
+    assert f0["logprob_margin"] == pytest.approx(2.0)
+    assert f0["verifier_best"] == pytest.approx(0.9) and f0["verifier_worst"] == pytest.approx(0.2)
+    assert f0["verifier_mean"] == pytest.approx((0.9 + 0.2 + 0.5) / 3)  # None counts as 0.5
+    assert f0["verifier_spread"] == pytest.approx(0.7)
+    assert f0["candidate_agreement"] == pytest.approx(1 / 3)
+    assert f0["verifier_policy_agree"] == 1.0
+    assert f0["repeated_action_count"] == 0 and f0["recent_tool_failure"] == 0 and f0["verifier_trend"] == 0
+    tr.update("go north", {"tool_failed": True, "truncated": False, "perturbations": []})
+
+    ctx1 = _ctx(step=1, history=[("go north", "A hall.")], truncated=True)
+    f1 = features_by_name(tr.features(ctx1, _decision(vs=(0.5, 0.2, 0.1))))
+    assert f1["repeated_action_count"] == 1
+    assert f1["recent_tool_failure"] == 1 and f1["observation_truncated"] == 1
+    assert f1["verifier_trend"] == pytest.approx(0.5 - 0.9)
+    assert f1["horizon_frac"] == pytest.approx(0.1)
+    assert f1["context_chars_log1p"] > f0["context_chars_log1p"]
+    tr.update("go north", {"tool_failed": False})
+
+    f2 = features_by_name(tr.features(_ctx(step=2), _decision()))
+    assert f2["repeated_action_count"] == 2
+    assert f2["recent_tool_failure"] == 1  # the failure two steps back still counts
+    assert f2["verifier_trend"] == pytest.approx(0.9 - (0.9 + 0.5) / 2)
+    tr.update("open door", {"tool_failed": False})
+    f3 = features_by_name(tr.features(_ctx(step=3), _decision()))
+    assert f3["recent_tool_failure"] == 0  # three steps back: forgotten
+
+
+def test_features_single_candidate_and_missing_entropy():
+    d = Decision(action="look", actor="slm", candidates=[Candidate("look", float("-inf"), -2.0, None)], entropy=None)
+    f = features_by_name(FeatureTracker().features(_ctx(), d))
+    assert f["logprob_margin"] == 0.0 and f["entropy"] == 0.0 and f["top_prob"] == 1.0
+    assert all(math.isfinite(v) for v in f.values())
+    with pytest.raises(R2VError, match="feature spec|defines"):
+        features_by_name([0.0, 1.0])
+
+
+# ----------------------------------------------------------------------------------------- risk model
+def _synthetic(n, seed):
+    """Failure depends on two features only: a small log-prob margin and a recent tool failure."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, len(FEATURE_NAMES))).astype(np.float32)
+    g = rng.integers(0, 8, n)
+    margin = rng.exponential(1.0, n)
+    tool = (rng.random(n) < 0.1 + 0.04 * g).astype(np.float32)
+    X[:, FEATURE_INDEX["logprob_margin"]] = margin
+    X[:, FEATURE_INDEX["recent_tool_failure"]] = tool
+    y = (rng.random(n) < 1 / (1 + np.exp(3.0 * margin - 2.5 * tool - 0.5))).astype(np.float32)
+    return RouterData(X, y, g, np.arange(n) // 10, np.arange(n) % 10)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cfg = RouterConfig(epochs=30, device="cpu")
+    train, val, test = _synthetic(3000, 0), _synthetic(1500, 1), _synthetic(2000, 2)
+    model = RiskModel(cfg=cfg)
+    history = model.fit(train, val, cfg, seed=0)
+    return model, history, test, tmp_path_factory.mktemp("router")
+
+
+def test_risk_model_learns_and_is_calibrated(trained):
+    model, history, test, _ = trained
+    p = model.predict(test.X)
+    assert auroc(p, test.y) > 0.8
+    assert ece(p, test.y) < 0.1
+    final = history[-1]
+    assert final["val_nll_after_ts"] <= final["val_nll_before_ts"] + 1e-9
+    assert 0.05 <= model.temperature <= 20
+    assert final["threshold_val_rate"] <= RouterConfig().budget + 1e-9
+
+
+def test_risk_model_platt_calibration_removes_cost_shift():
+    cfg = RouterConfig(epochs=15, device="cpu", calibration="platt")
+    model = RiskModel(cfg=cfg)
+    model.fit(_synthetic(2000, 3), _synthetic(1500, 4), cfg, seed=0)
+    test = _synthetic(2000, 5)
+    p = model.predict(test.X)
+    assert abs(p.mean() - test.y.mean()) < 0.05 and ece(p, test.y) < 0.08
+
+
+def test_risk_model_deterministic_and_save_load(trained):
+    model, _, test, d = trained
+    model.save(d)
+    meta = json.loads((d / "router.json").read_text())
+    assert meta["feature_spec"] == FEATURE_VERSION and meta["config"]["alpha"] == 0.2
+    loaded = RiskModel.load(d, device="cpu")
+    np.testing.assert_array_equal(loaded.predict(test.X), model.predict(test.X))
+    assert loaded.threshold == model.threshold and loaded.temperature == model.temperature
+
+    cfg = RouterConfig(epochs=2, device="cpu")
+    a, b = RiskModel(cfg=cfg), RiskModel(cfg=cfg)
+    a.fit(_synthetic(300, 0), _synthetic(200, 1), cfg, seed=3)
+    b.fit(_synthetic(300, 0), _synthetic(200, 1), cfg, seed=3)
+    np.testing.assert_array_equal(a.predict(test.X), b.predict(test.X))
+
+
+def test_feature_spec_mismatch_raises(trained, tmp_path):
+    model, _, _, d = trained
+    model.save(tmp_path)
+    meta = json.loads((tmp_path / "router.json").read_text())
+    meta["feature_spec"] = "r2v-features@0"
+    (tmp_path / "router.json").write_text(json.dumps(meta))
+    with pytest.raises(R2VError, match=r"r2v-features@0.*r2v-features@1"):
+        RiskModel.load(tmp_path)
+    with pytest.raises(R2VError, match="not a router checkpoint"):
+        RiskModel.load(tmp_path / "missing")
+    with pytest.raises(R2VError, match="expects rows of"):
+        model.predict(np.zeros((2, 3)))
+
+
+def test_router_data_validation():
+    with pytest.raises(R2VError, match="0/1"):
+        RouterData(np.zeros((2, 3)), [0, 2], [0, 0], ["a", "b"])
+    with pytest.raises(R2VError, match="entries"):
+        RouterData(np.zeros((2, 3)), [0, 1, 1], [0, 0], ["a", "b"])
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"features": [[0.0] * 3, [1.0] * 3], "feature_spec": ["r2v-features@0"] * 2,
+                       "episode_failed": [True, False], "branch_label": [None, True], "perturbation_seed": [0, 1],
+                       "episode_id": ["e1", "e2"], "step": [0, 0]})
+    with pytest.raises(R2VError, match="feature spec"):
+        RouterData.from_frame(df, "episode")
+    df["feature_spec"] = FEATURE_VERSION
+    assert len(RouterData.from_frame(df, "episode")) == 2
+    assert len(RouterData.from_frame(df, "branch")) == 1  # only branched rows carry a branch label
+
+
+# ----------------------------------------------------------------------------------------- baselines
+def _feat(**kw):
+    f = dict.fromkeys(FEATURE_NAMES, 0.0)
+    f.update(verifier_best=0.9, verifier_mean=0.8, entropy=0.5)
+    f.update(kw)
+    return f
+
+
+def test_registry_and_fixed_routers():
+    assert set(ROUTERS) == {"r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier",
+                            "pre_execution", "oracle"}
+    with pytest.raises(R2VError, match="unknown router"):
+        make_router("nope")
+    with pytest.raises(R2VError, match="bad arguments"):
+        make_router("entropy", threshhold=1.0)
+    assert not make_router("slm_only").escalate(_feat(entropy=9.0))
+    assert make_router("llm_only").escalate(_feat())
+    oracle = make_router("oracle")
+    assert oracle.escalate(_feat(**{ORACLE_KEY: 1.0})) and not oracle.escalate(_feat(**{ORACLE_KEY: 0.0}))
+    with pytest.raises(R2VError, match=ORACLE_KEY):
+        oracle.escalate(_feat())
+    assert oracle.calibrate([_feat(**{ORACLE_KEY: 1.0}), _feat(**{ORACLE_KEY: 0.0})], 0.1) == (1.0, 0.5)
+
+
+def test_rule_routers():
+    ent = make_router("entropy", threshold=1.0)
+    assert ent.escalate(_feat(entropy=1.2)) and not ent.escalate(_feat(entropy=1.0))
+    heu = make_router("heuristic")
+    assert heu.escalate(_feat(entropy=2.6)) and heu.escalate(_feat(verifier_mean=0.3))
+    assert not heu.escalate(_feat(entropy=2.5, verifier_mean=0.4))
+    ver = make_router("verifier")
+    assert ver.escalate(_feat(verifier_best=0.49)) and not ver.escalate(_feat(verifier_best=0.5))
+
+
+def test_random_router_matches_budget_and_is_seeded():
+    a, b = make_router("random", budget=0.25, seed=1), make_router("random", budget=0.25, seed=1)
+    da = [a.escalate(_feat()) for _ in range(4000)]
+    assert da == [b.escalate(_feat()) for _ in range(4000)]
+    assert abs(np.mean(da) - 0.25) < 0.03
+    assert not any(make_router("random", budget=0.0).escalate(_feat()) for _ in range(200))
+
+
+def test_thresholded_baselines_calibrate_to_budget():
+    rng = np.random.default_rng(0)
+    val = [_feat(entropy=float(h), verifier_best=float(v), verifier_mean=float(v))
+           for h, v in zip(rng.exponential(1.0, 500), rng.random(500))]
+    test = [_feat(entropy=float(h), verifier_best=float(v), verifier_mean=float(v))
+            for h, v in zip(rng.exponential(1.0, 500), rng.random(500))]
+    for name in ("entropy", "heuristic", "verifier"):
+        r = make_router(name)
+        tau, rate = r.calibrate(val, 0.2)
+        assert 0.2 - 1 / 500 <= rate <= 0.2
+        assert abs(np.mean([r.escalate(f) for f in test]) - 0.2) < 0.06
+
+
+def test_r2v_router_wraps_model(trained):
+    model, _, test, d = trained
+    model.save(d)
+    r = make_router("r2v", model_dir=str(d), device="cpu")
+    rows = rows_from_matrix(test.X[:50])
+    np.testing.assert_allclose([r.risk(f) for f in rows], model.predict(test.X[:50]), rtol=1e-6)
+    assert r.threshold == model.threshold
+    tau, rate = r.calibrate(rows, 0.1)
+    assert rate <= 0.1 and r.escalate(rows[int(np.argmax(r.risks(rows)))])
+    with pytest.raises(R2VError, match="trained model"):
+        make_router("r2v")
+
+
+def test_pre_execution_router_escalates_whole_episodes():
+    rng = np.random.default_rng(0)
+    n_ep, steps = 300, 5
+    X = rng.normal(size=(n_ep * steps, len(FEATURE_NAMES))).astype(np.float32)
+    hard = rng.random(n_ep) < 0.4
+    first = np.arange(n_ep) * steps
+    X[first, FEATURE_INDEX["goal_chars_log1p"]] = np.where(hard, 5.0, 3.0) + rng.normal(0, 0.3, n_ep)
+    X[:, FEATURE_INDEX["step"]] = np.tile(np.arange(steps), n_ep)
+    ep = np.repeat(np.arange(n_ep), steps)
+    data = RouterData(X, np.repeat(hard, steps), np.zeros(n_ep * steps), ep, np.tile(np.arange(steps), n_ep))
+    r = PreExecutionRouter().fit(data)
+    assert auroc(r.predict(X[first]), hard) > 0.95
+    rows = rows_from_matrix(X)
+    # one episode: the decision at step 0 holds for every later step
+    r.reset()
+    decisions = [r.escalate(rows[i]) for i in range(steps)]
+    assert len(set(decisions)) == 1
+    scores = r.risks(rows, ep)
+    assert np.all(scores.reshape(n_ep, steps) == scores.reshape(n_ep, steps)[:, :1])
+    tau, rate = r.calibrate(rows, 0.3, ep)
+    assert rate <= 0.3 and rate * n_ep == pytest.approx(round(rate * n_ep))  # whole episodes only
+    clone = make_router("pre_execution", **json.loads(json.dumps(r.config())))
+    np.testing.assert_allclose(clone.risks(rows, ep), r.risks(rows, ep))
