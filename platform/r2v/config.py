@@ -121,7 +121,8 @@ class PolicyConfig:
     temperature: float = 1.0
     top_p: float = 0.95
     max_new_tokens: int = 24
-    history_steps: int = 4  # how many past (action, observation) pairs the prompt shows
+    history_steps: int = 4  # how many past actions the prompt shows
+    select: str = "verifier"  # the SLM's proposal: the verifier's best candidate, or `logprob` (the likeliest)
 
 
 @dataclass
@@ -393,6 +394,7 @@ def validate(cfg: R2VConfig) -> None:
         "env.name": (cfg.env.name, {"textworld", "code", "terminal"}),
         "env.terminal.backend": (cfg.env.terminal.backend, {"sandbox", "docker"}),
         "policy.mode": (cfg.policy.mode, {"rank", "generate"}),
+        "policy.select": (cfg.policy.select, {"verifier", "logprob"}),
         "teacher.kind": (cfg.teacher.kind, {"oracle", "openai", "hf"}),
         "collect.policy": (cfg.collect.policy, {"teacher", "slm", "routed"}),
         "collect.split": (cfg.collect.split, {"train", "val", "test"}),

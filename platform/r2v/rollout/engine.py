@@ -27,31 +27,53 @@ class Unit:
     seed: int
     episode_index: int
     policy: str
+    prefix: tuple[str, ...] | None = None  # a branch: replay these actions, then the teacher acts
+    teacher_steps: int = 1
 
     @property
     def key(self) -> str:
-        return shard_key(task=self.task.task_id, seed=self.seed, policy=self.policy, ep=self.episode_index)
+        parts = dict(task=self.task.task_id, seed=self.seed, policy=self.policy, ep=self.episode_index)
+        if self.prefix is not None:
+            parts["branch"] = len(self.prefix)
+        return shard_key(**parts)
 
 
 AgentFactory = Callable[[R2VConfig], Any]  # builds the Agent inside the worker process
+ANY_POLICY = "*"
 
 
 class EnvWorker:
-    """Owns one environment and one agent; plays units and writes their shards."""
+    """Owns one environment and the agents of the units it plays (built once per policy, in the worker);
+    plays units and writes their shards."""
 
-    def __init__(self, cfg: R2VConfig, agent_factory: AgentFactory, out_dir: str):
+    def __init__(self, cfg: R2VConfig, factories: dict[str, AgentFactory], out_dir: str):
         from r2v.envs.registry import make_env
 
         self.cfg = cfg
         self.env = make_env(cfg.env)
-        self.agent = agent_factory(cfg)
+        self.factories = factories
+        self.agents: dict[str, Any] = {}
         self.store = ShardStore(out_dir, "steps")
+
+    def agent_for(self, policy: str):
+        if policy not in self.agents:
+            factory = self.factories.get(policy) or self.factories[ANY_POLICY]
+            self.agents[policy] = factory(self.cfg)
+        return self.agents[policy]
 
     def run(self, unit: Unit) -> dict[str, Any]:
         from r2v.rollout.episode import EpisodeMeta, run_episode
 
-        meta = EpisodeMeta(self.cfg.experiment, unit.split, unit.policy, unit.seed, unit.episode_index)
-        rows = run_episode(self.env, self.agent, unit.task, meta, self.cfg.env.max_steps,
+        policy = unit.policy if unit.prefix is None else f"{unit.policy}@{len(unit.prefix)}"
+        meta = EpisodeMeta(self.cfg.experiment, unit.split, policy, unit.seed, unit.episode_index)
+        agent = self.agent_for(unit.policy)
+        if unit.prefix is not None:
+            from r2v.policies.teachers import make_teacher
+            from r2v.rollout.episode import BranchAgent
+
+            self.teacher = getattr(self, "teacher", None) or make_teacher(self.cfg)
+            agent = BranchAgent(self.agent, self.teacher, list(unit.prefix), unit.teacher_steps)
+        rows = run_episode(self.env, agent, unit.task, meta, self.cfg.env.max_steps,
                            self.cfg.policy.history_steps)
         self.store.write(unit.key, rows)
         return {"key": unit.key, "steps": len(rows), "success": bool(rows and rows[-1]["episode_success"]),
@@ -73,18 +95,27 @@ def fit_workers(requested: int, cpus_each: float, units: int) -> int:
     episode forever."""
     import ray
 
-    free = ray.available_resources().get("CPU", 0.0)
-    fit = int(free // cpus_each) if cpus_each > 0 else requested
-    n = max(1, min(requested, units, fit))
-    if n < min(requested, units):
+    want = min(requested, units)
+    deadline = time.time() + 10.0  # actors of a previous collection may still be releasing their CPUs
+    while True:
+        free = ray.available_resources().get("CPU", 0.0)
+        fit = int(free // cpus_each) if cpus_each > 0 else requested
+        if fit >= want or time.time() > deadline:
+            break
+        time.sleep(0.25)
+    n = max(1, min(want, fit))
+    if n < want:
         print(f"[collect] {free:g} free CPUs fit {n} of the {requested} requested env workers "
               f"(collect.cpus_per_worker={cpus_each:g})")
     return n
 
 
-def collect(cfg: R2VConfig, units: list[Unit], agent_factory: AgentFactory, out_dir: str | Path,
+def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, AgentFactory], out_dir: str | Path,
             progress: bool = True, on_started: Callable[[list], None] | None = None) -> dict[str, Any]:
-    """Play every unit whose shard is missing, on `collect.num_workers` env-worker actors."""
+    """Play every unit whose shard is missing, on `collect.num_workers` env-worker actors. `agents` is one
+    factory for every unit, or {policy: factory} (with "*" as the fallback) to play several policies on
+    one pool of workers."""
+    factories = agents if isinstance(agents, dict) else {ANY_POLICY: agents}
     import ray
     from tqdm.auto import tqdm
 
@@ -106,14 +137,15 @@ def collect(cfg: R2VConfig, units: list[Unit], agent_factory: AgentFactory, out_
         max_task_retries=cfg.collect.max_task_retries,
     )
     n_workers = fit_workers(cfg.collect.num_workers, cfg.collect.cpus_per_worker, len(todo))
-    workers = [actor_cls.remote(cfg, agent_factory, str(out_dir)) for _ in range(n_workers)]
+    workers = [actor_cls.remote(cfg, factories, str(out_dir)) for _ in range(n_workers)]
     if on_started:
         on_started(workers)
     attempts: dict[str, int] = {}
     pids: set[int] = set()
     inflight: dict[Any, tuple[Any, Unit]] = {}
     t0 = time.time()
-    bar = tqdm(total=len(todo), desc=f"collect[{units[0].policy}]", unit="ep", disable=not progress)
+    label = units[0].policy if len(factories) == 1 else f"{len(factories)} policies"
+    bar = tqdm(total=len(todo), desc=f"collect[{label}]", unit="ep", disable=not progress)
 
     def submit(worker) -> None:
         if todo:

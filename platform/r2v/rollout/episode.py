@@ -28,6 +28,8 @@ class EpisodeMeta:
 def run_episode(env: Env, agent: Agent, task: Task, meta: EpisodeMeta, max_steps: int,
                 history_steps: int = 8) -> list[dict[str, Any]]:
     obs = env.reset(task, seed=meta.seed)
+    if hasattr(agent, "reset"):
+        agent.reset(task)
     history: list[tuple[str, str]] = []
     rows: list[dict[str, Any]] = []
     last_info: dict[str, Any] = dict(getattr(env, "reset_info", None) or {})  # perturbations of the first obs
@@ -57,6 +59,8 @@ def run_episode(env: Env, agent: Agent, task: Task, meta: EpisodeMeta, max_steps
             rows.append(row)
             break
         result = env.step(decision.action)
+        if hasattr(agent, "observe"):
+            agent.observe(decision.action, result.info)
         row.update(reward=float(result.reward), done=bool(result.done))
         rows.append(row)
         history.append((decision.action, result.observation.text))
@@ -72,3 +76,34 @@ def _safe_oracle(env: Env) -> str | None:
         return env.oracle_action()
     except Exception:  # an oracle that cannot plan from here is a missing label, not a crash
         return None
+
+
+class BranchAgent:
+    """A counterfactual branch of a recorded episode: replay its first actions (`prefix`, under the same
+    perturbation seed the env reproduces the same states), let the teacher take the next `teacher_steps`
+    steps, then hand back to `base` until the episode ends. With teacher_steps=0 it is the "SLM
+    continues" branch."""
+
+    def __init__(self, base: Agent, teacher, prefix: list[str], teacher_steps: int):
+        self.base, self.teacher = base, teacher
+        self.prefix, self.teacher_steps = list(prefix), teacher_steps
+        self.name = f"branch:{getattr(base, 'name', 'agent')}"
+
+    def reset(self, task: Task) -> None:
+        if hasattr(self.base, "reset"):
+            self.base.reset(task)
+
+    def observe(self, action: str, info: dict) -> None:
+        if hasattr(self.base, "observe"):
+            self.base.observe(action, info)
+
+    def decide(self, ctx: StepContext, env: Env):
+        from r2v.policies.base import Decision
+
+        if ctx.step < len(self.prefix):
+            return Decision(action=self.prefix[ctx.step], actor="replay")
+        if ctx.step < len(self.prefix) + self.teacher_steps:
+            reply = self.teacher.act(ctx, env)
+            return Decision(action=reply.action or "", actor="teacher", escalated=True,
+                            escalation_error=reply.error, teacher_tokens=reply.tokens)
+        return self.base.decide(ctx, env)

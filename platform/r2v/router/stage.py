@@ -1,0 +1,57 @@
+"""`train-router`: fit the calibrated risk model on router rows (train split), select on val, save.
+
+Also fits the `pre_execution` baseline (it needs training too) so that `eval` only loads models.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from r2v.config import R2VConfig
+from r2v.data import ShardStore
+from r2v.errors import R2VError
+
+
+def router_dir(cfg: R2VConfig):
+    return cfg.experiment_dir / "models" / "router"
+
+
+def read_router_rows(cfg: R2VConfig):
+    from r2v.rollout.router_rows import router_rows_dir
+
+    df = ShardStore(router_rows_dir(cfg), "router_rows").read_pandas()
+    if df.empty:
+        raise R2VError(f"no router rows under {router_rows_dir(cfg)}: run `r2v collect-router` first")
+    return df
+
+
+def split_data(cfg: R2VConfig, df, split: str, label: str | None = None):
+    from r2v.router.model import RouterData
+
+    part = df[df["split"] == split]
+    return RouterData.from_frame(part, label or cfg.router.label, source=f"router rows ({split})")
+
+
+def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
+    from r2v.eval.metrics import auroc, brier, ece
+    from r2v.router.baselines import make_router, save_router
+    from r2v.router.model import RiskModel
+
+    df = read_router_rows(cfg)
+    train, val = split_data(cfg, df, "train"), split_data(cfg, df, "val")
+    model = RiskModel(train.X.shape[1], cfg.router)
+    history = model.fit(train, val, cfg.router, seed=cfg.seed)
+    out = router_dir(cfg)
+    model.save(out)
+    pre = make_router("pre_execution").fit(split_data(cfg, df, "train", "episode"))
+    save_router(pre, out / "pre_execution")
+    p_val = model.predict(val.X)
+    summary = {"train_rows": len(train), "val_rows": len(val), "train_positive_rate": float(train.y.mean()),
+               "threshold": float(model.threshold), "temperature": float(model.temperature),
+               "val_escalation_rate": float(np.mean(p_val >= model.threshold)),
+               "val_brier": float(brier(p_val, val.y)), "val_ece": float(ece(p_val, val.y)),
+               "epochs": len(history) - 1}
+    if 0 < val.y.mean() < 1:
+        summary["val_auroc"] = float(auroc(p_val, val.y))
+    return summary
