@@ -41,7 +41,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("collect-teacher", "r2v.rollout.stage:run_collect_teacher", COMMON + ("teacher", "collect"), "tasks", "rollouts/teacher/*.parquet", 4),
     Stage("init-model", "r2v.policies.init_model:run_init_model", COMMON + ("model",), "rollouts/teacher", "models/init/", 4),
     Stage("train-bc", None, COMMON + ("model", "policy", "bc"), "rollouts/teacher, models/init", "models/bc/", 5),
-    Stage("build-pairs", None, COMMON + ("policy", "verifier", "dpo"), "models/bc", "pairs/*.parquet", 5),
+    Stage("build-pairs", "r2v.rollout.pairs:run_build_pairs", COMMON + ("policy", "verifier", "dpo"), "models/bc", "pairs/*.parquet", 5),
     Stage("train-dpo", None, COMMON + ("policy", "dpo"), "pairs, models/bc", "models/dpo/", 5),
     Stage("train-verifier", "r2v.verifier.learned:run_train_verifier", COMMON + ("verifier",), "rollouts", "models/verifier/", 9),
     Stage("collect-router", "r2v.rollout.router_rows:run_collect_router", COMMON + ("policy", "router"), "models/dpo", "router/*.parquet", 9),

@@ -22,8 +22,9 @@ def render_prompt(ctx: StepContext, history_steps: int = 4, obs_chars: int = 600
 
 def prompt_from_row(row: dict, history_steps: int = 4, obs_chars: int = 600) -> str:
     """The prompt of a recorded step (a row of the `steps` schema): the same text the policy saw."""
-    return format_prompt(row.get("goal") or "", list(row.get("history") or []), row.get("observation") or "",
-                         history_steps, obs_chars)
+    history = row.get("history")
+    return format_prompt(row.get("goal") or "", [] if history is None else list(history),
+                         row.get("observation") or "", history_steps, obs_chars)
 
 
 def format_prompt(goal: str, past_actions: list[str], observation: str, history_steps: int = 4,
