@@ -55,6 +55,10 @@ class EnvWorker:
         self.agents: dict[str, Any] = {}
         self.store = ShardStore(out_dir, "steps")
 
+    def ready(self) -> bool:
+        """Returns once the constructor (env start-up) is done: collection time excludes start-up."""
+        return True
+
     def agent_for(self, policy: str):
         if policy not in self.agents:
             factory = self.factories.get(policy) or self.factories[ANY_POLICY]
@@ -138,6 +142,7 @@ def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, 
     )
     n_workers = fit_workers(cfg.collect.num_workers, cfg.collect.cpus_per_worker, len(todo))
     workers = [actor_cls.remote(cfg, factories, str(out_dir)) for _ in range(n_workers)]
+    ray.get([w.ready.remote() for w in workers])
     if on_started:
         on_started(workers)
     attempts: dict[str, int] = {}
