@@ -1,0 +1,102 @@
+"""The routed agent and branch labels: escalations really act, failures degrade, labels follow outcomes."""
+import pandas as pd
+import pytest
+
+from r2v.config import ModelConfig, PolicyConfig, R2VConfig, TinyModelConfig
+from r2v.envs.registry import make_env
+from r2v.policies.init_model import save_tiny_model
+from r2v.policies.routed import RoutedAgent
+from r2v.policies.slm import SLMPolicy
+from r2v.policies.teachers import OracleTeacher, TeacherReply
+from r2v.rollout.episode import BranchAgent, EpisodeMeta, run_episode
+from r2v.rollout.router_rows import label_rows
+from r2v.router.baselines import make_router
+from r2v.router.features import FEATURE_NAMES
+from r2v.verifier import make_verifier
+
+
+@pytest.fixture(scope="module")
+def slm(tmp_path_factory):
+    out = tmp_path_factory.mktemp("slm")
+    save_tiny_model(["Goal: go east\nAction: go east"] * 20, TinyModelConfig(hidden_size=32, intermediate_size=64,
+                    num_layers=1, num_heads=2, vocab_size=300), out, 256)
+    return SLMPolicy(out, ModelConfig(max_context_tokens=256), PolicyConfig(mode="rank", num_candidates=3))
+
+
+class BrokenTeacher:
+    kind = "broken"
+
+    def act(self, ctx, env):
+        return TeacherReply(None, error="HTTP 503: overloaded")
+
+
+def agent(slm, tw_cfg, router, teacher, budget=None):
+    cfg = R2VConfig()
+    cfg.env = tw_cfg
+    return RoutedAgent(slm, make_verifier(cfg), make_router(router), teacher, "logprob", budget)
+
+
+def play(env_cfg, a, task, seed=0):
+    return run_episode(make_env(env_cfg), a, task, EpisodeMeta("e", "test", a.name, seed), 30)
+
+
+def test_llm_only_is_the_teacher_acting_and_the_env_decides(slm, tw_cfg, tw_tasks):
+    rows = play(tw_cfg, agent(slm, tw_cfg, "llm_only", OracleTeacher()), tw_tasks[-1])
+    assert all(r["actor"] == "teacher" and r["escalated"] for r in rows)
+    assert rows[-1]["episode_success"] is True
+    assert all(len(r["features"]) == len(FEATURE_NAMES) and r["risk"] is not None for r in rows)
+
+
+def test_slm_only_never_calls_the_teacher(slm, tw_cfg, tw_tasks):
+    rows = play(tw_cfg, agent(slm, tw_cfg, "slm_only", OracleTeacher()), tw_tasks[-1])
+    assert all(r["actor"] == "slm" and not r["escalated"] for r in rows)
+    assert all(r["candidates"][0]["verifier_score"] is not None for r in rows)
+
+
+def test_per_episode_budget_caps_calls(slm, tw_cfg, tw_tasks):
+    a = agent(slm, tw_cfg, "llm_only", OracleTeacher(), budget=1)
+    task = max(tw_tasks, key=lambda t: t.task_id)  # any game; the cap holds whatever its length
+    for seed in (0, 1):  # the budget resets per episode
+        rows = play(tw_cfg, a, task, seed)
+        assert sum(r["actor"] == "teacher" for r in rows) == 1
+
+
+def test_teacher_failure_degrades_to_the_slm(slm, tw_cfg, tw_tasks):
+    rows = play(tw_cfg, agent(slm, tw_cfg, "llm_only", BrokenTeacher()), tw_tasks[0])
+    assert rows and all(r["actor"] == "slm" and r["escalated"] for r in rows)
+    assert all("503" in r["escalation_error"] for r in rows)
+
+
+def test_branch_replays_prefix_then_teacher_then_base(slm, tw_cfg, tw_tasks):
+    task = tw_tasks[-1]
+    teacher_rows = run_episode(make_env(tw_cfg), BranchAgent(None, OracleTeacher(), [], 30), task,
+                               EpisodeMeta("e", "train", "t", 0), 30)
+    actions = [r["action"] for r in teacher_rows]
+    base = agent(slm, tw_cfg, "slm_only", None)
+    rows = run_episode(make_env(tw_cfg), BranchAgent(base, OracleTeacher(), actions[:1], 1), task,
+                       EpisodeMeta("e", "train", "b", 0), 30)
+    assert rows[0]["actor"] == "replay" and rows[0]["action"] == actions[0]
+    if len(rows) > 1:
+        assert rows[1]["actor"] == "teacher" and rows[1]["action"] == actions[1]
+        assert all(r["actor"] == "slm" for r in rows[2:])
+
+
+def test_branch_labels_follow_outcomes():
+    cfg = R2VConfig(experiment="x")
+    steps = pd.DataFrame([
+        # a failed SLM episode with two steps; a successful one
+        dict(env="textworld", task_id="t", split="train", episode_id="t/slm/s0", perturbation_seed=0, step=0,
+             features=[0.0] * len(FEATURE_NAMES), episode_success=False),
+        dict(env="textworld", task_id="t", split="train", episode_id="t/slm/s0", perturbation_seed=0, step=1,
+             features=[0.0] * len(FEATURE_NAMES), episode_success=False),
+        dict(env="textworld", task_id="t", split="train", episode_id="t/slm/s1", perturbation_seed=1, step=0,
+             features=[0.0] * len(FEATURE_NAMES), episode_success=True),
+    ])
+    branches = pd.DataFrame([  # the teacher at step 0 of seed 0 wins; nothing branched at step 1
+        dict(task_id="t", perturbation_seed=0, policy="branch@0", episode_id="t/branch@0/s0", episode_success=True),
+    ])
+    rows = {(r["perturbation_seed"], r["step"]): r for r in label_rows(cfg, steps, branches)}
+    assert rows[(0, 0)]["branch_label"] is True and rows[(0, 0)]["teacher_branch_success"] is True
+    assert rows[(0, 1)]["branch_label"] is None  # not branched: no label, not a guessed one
+    assert rows[(1, 0)]["branch_label"] is False  # the SLM succeeded from here
+    assert [rows[k]["episode_failed"] for k in sorted(rows)] == [True, True, False]
