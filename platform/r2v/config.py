@@ -236,6 +236,16 @@ class SweepConfig:
     budgets: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4])
     live_top_k: int = 2
     cpus_per_trial: float = 0.5
+    gpus_per_trial: float = 0.0  # a cluster may give each trial a (fraction of a) GPU; the router is tiny
+    epochs: int = 0  # router epochs per trial = ASHA's max_t; 0 = router.epochs
+    grace_period: int = 2  # ASHA: epochs every trial trains before it may be stopped
+    reduction_factor: float = 3.0  # ASHA: keep the best 1/reduction_factor at each rung
+    labels: list[str] = field(default_factory=lambda: ["episode", "branch"])  # router.label choices searched
+    thresholds: list[str] = field(default_factory=lambda: ["budget", "bayes", "cvar"])  # router.threshold choices
+    max_failures: int = 1  # retries of a crashed trial, from its last checkpoint
+    resume: bool = True  # restore an interrupted sweep (Tuner.restore) instead of starting over
+    live: bool = False  # re-evaluate live_top_k Pareto points live on eval.split (needs an SLM + tasks)
+    live_seeds: list[int] = field(default_factory=lambda: [0])  # perturbation seeds of the live re-evaluation
 
 
 @dataclass
@@ -260,6 +270,19 @@ class ServeConfig:
     session_ttl_s: float = 1800.0
     session_budget: int = 10
     num_cpus_per_replica: float = 1.0
+    # --- the Serve app (r2v.serve.app); replicas/autoscaling/resources also from conf/serve.yaml under `serve run`
+    models_dir: str = "${runs_dir}/${experiment}/models"  # SLM (dpo|bc), verifier/ and router/ are read here
+    slm_path: Optional[str] = None  # None: models_dir/dpo, else models_dir/bc, else model.path
+    router: Optional[str] = None  # None: router.kind; r2v loads models_dir/router
+    fallback_router: str = "entropy"  # served when the r2v checkpoint is missing
+    threshold: Optional[float] = None  # overrides the router's own threshold
+    threshold_file: Optional[str] = None  # a sweep's best-<budget>.yaml (key `threshold`); below `threshold`
+    max_batch_size: int = 16  # SLM @serve.batch
+    batch_wait_timeout_s: float = 0.005
+    max_sessions: int = 10000
+    deployments: dict[str, Any] = field(default_factory=dict)  # {slm|verifier|router|teacher|sessions|ingress: options}
+    app_name: str = "r2v"
+    block: bool = True  # run_serve waits for Ctrl-C; false: return once the app is up
 
 
 @dataclass
