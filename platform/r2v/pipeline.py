@@ -46,7 +46,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("train-verifier", "r2v.verifier.learned:run_train_verifier", COMMON + ("verifier",), "rollouts", "models/verifier/", 9),
     Stage("collect-router", "r2v.rollout.router_rows:run_collect_router", COMMON + ("policy", "router"), "models/dpo", "router/*.parquet", 9),
     Stage("train-router", "r2v.router.stage:run_train_router", COMMON + ("router",), "router rows", "models/router/", 9),
-    Stage("sweep", None, COMMON + ("router", "sweep"), "router rows", "sweep/frontier.parquet, best-*.yaml", 6),
+    Stage("sweep", "r2v.tune.sweep:run_sweep", COMMON + ("router", "sweep"), "router rows", "sweep/frontier.parquet, best-*.yaml", 6),
     Stage("eval", "r2v.eval.live:run_eval", COMMON + ("router", "eval", "teacher"), "models/*", "eval/*.parquet", 9),
     Stage("report", "r2v.eval.report:run_report", COMMON + ("eval",), "eval", "report/results.json, *.md, *.png", 9),
 )
