@@ -158,6 +158,7 @@ class CollectConfig:
     split: str = "train"
     perturbation_seeds: list[int] = field(default_factory=lambda: [0])
     episodes_per_task: int = 1
+    teacher_epsilon: float = 0.0  # teacher rollouts: share of steps that take a random detour (BC learns recovery)
     num_workers: int = 2
     cpus_per_worker: float = 1.0
     max_restarts: int = 2

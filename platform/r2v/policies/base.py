@@ -15,6 +15,7 @@ class StepContext:
     step: int
     max_steps: int
     last_info: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # the episode's perturbation seed (seeds per-step randomness, e.g. teacher exploration)
 
     @property
     def goal(self) -> str:

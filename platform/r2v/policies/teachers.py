@@ -127,17 +127,29 @@ class OpenAITeacher:
 class TeacherAgent:
     """A teacher acting on every step (the `teacher` rollout policy, the `llm_only` baseline). A teacher
     failure yields an empty action with its error; the episode loop records it and ends the episode as
-    not successful (the env never said otherwise) rather than inventing an action."""
+    not successful (the env never said otherwise) rather than inventing an action.
+
+    With `epsilon` > 0 the teacher explores: at that share of steps (seeded by task, seed and step) a random
+    other admissible action is executed instead (actor `explore`), while the row keeps the teacher's choice
+    as `oracle_action`. Behavioral cloning on those rows teaches recovery from off-path states (DAgger-style)."""
 
     name = "teacher"
 
-    def __init__(self, teacher: Teacher):
+    def __init__(self, teacher: Teacher, epsilon: float = 0.0):
         self.teacher = teacher
+        self.epsilon = epsilon
 
     def decide(self, ctx: StepContext, env: Env) -> Decision:
+        from r2v.envs.base import stable_seed
+
         reply = self.teacher.act(ctx, env)
-        return Decision(action=reply.action or "", actor="teacher", escalated=True,
-                        escalation_error=reply.error, teacher_tokens=reply.tokens)
+        decision = Decision(action=reply.action or "", actor="teacher", escalated=True,
+                            escalation_error=reply.error, teacher_tokens=reply.tokens)
+        rng = random.Random(stable_seed("explore", ctx.task.task_id, ctx.seed, ctx.step))
+        others = [a for a in (ctx.observation.admissible or []) if a != reply.action]
+        if reply.action and others and rng.random() < self.epsilon:
+            decision.action, decision.actor, decision.escalated = rng.choice(others), "explore", False
+        return decision
 
 
 def make_teacher(cfg: R2VConfig) -> Teacher:

@@ -36,7 +36,7 @@ def run_episode(env: Env, agent: Agent, task: Task, meta: EpisodeMeta, max_steps
     success, done, step = False, False, 0
     episode_id = meta.episode_id(task)
     while not done and step < max_steps:
-        ctx = StepContext(task, obs, list(history), step, max_steps, last_info)
+        ctx = StepContext(task, obs, list(history), step, max_steps, last_info, meta.seed)
         oracle = _safe_oracle(env)
         t0 = time.perf_counter()
         decision = agent.decide(ctx, env)

@@ -14,7 +14,7 @@ from r2v.rollout.engine import collect, plan_units
 def teacher_agent(cfg: R2VConfig):
     from r2v.policies.teachers import TeacherAgent, make_teacher
 
-    return TeacherAgent(make_teacher(cfg))
+    return TeacherAgent(make_teacher(cfg), cfg.collect.teacher_epsilon)
 
 
 def tasks_by_split(cfg: R2VConfig, splits: list[str]) -> dict[str, list[Task]]:

@@ -1,0 +1,1 @@
+"""Benchmarks (not timed tests): run each as `python -m bench.<name>`."""

@@ -1,0 +1,201 @@
+"""BC on Ray Train + DeepSpeed (2 CPU workers): token masking, ZeRO-2/3 end to end, learning, resume."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from r2v.config import R2VConfig, TinyModelConfig
+from r2v.data import ShardStore, shard_key
+
+pytestmark = pytest.mark.ray
+
+ACTIONS = ["go north", "go south", "take key", "open door", "eat apple", "look"]
+ROOMS = ["kitchen", "cellar", "garden", "attic", "hall", "study"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+def step_row(i: int, room: str, action: str, split: str, actor: str = "teacher") -> dict:
+    return {
+        "experiment": "bc", "env": "toy", "task_id": f"t{i}", "split": split, "episode_id": f"e{i}-{split}",
+        "policy": "teacher", "perturbation_seed": 0, "step": 0, "goal": f"find the treasure in the {room}",
+        "observation": f"You are in the {room}. Exits lead everywhere.", "history": [], "action": action,
+        "actor": actor, "admissible": list(ACTIONS),
+    }
+
+
+def toy_texts() -> list[str]:
+    from r2v.policies.prompts import completion, prompt_from_row
+
+    texts = []
+    for r in ROOMS:
+        for a in ACTIONS:
+            texts.append(prompt_from_row(step_row(0, r, a, "train")) + completion(a))
+    return texts * 5
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from r2v.policies.init_model import save_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "init"
+    arch = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=400)
+    save_tiny_model(toy_texts(), arch, out, max_positions=128)
+    return out
+
+
+def make_cfg(tmp_path, tiny_model, zero_stage: int, **bc) -> R2VConfig:
+    cfg = R2VConfig(experiment="bc", runs_dir=str(tmp_path))
+    cfg.tracking.enabled = False
+    cfg.model.path = str(tiny_model)
+    cfg.model.max_context_tokens = 96
+    cfg.bc.num_workers = 2
+    cfg.bc.zero_stage = zero_stage
+    cfg.bc.per_device_batch_size = 4
+    cfg.bc.learning_rate = 3e-3
+    for k, v in bc.items():
+        setattr(cfg.bc, k, v)
+    # teacher steps: room i -> ACTIONS[i], 8 copies each in train, one row per room in val, plus rows BC skips
+    store = ShardStore(cfg.experiment_dir / "rollouts" / "teacher", "steps")
+    rows = [step_row(i, r, ACTIONS[i], "train") for _ in range(8) for i, r in enumerate(ROOMS)]
+    store.write(shard_key(split="train"), rows)
+    store.write(shard_key(split="val"), [step_row(i, r, ACTIONS[i], "val") for i, r in enumerate(ROOMS)])
+    store.write(shard_key(split="skip"), [step_row(0, "hall", "", "train"), step_row(1, "hall", "look", "train", "slm")])
+    return cfg
+
+
+def rank_actions(model_dir, cfg) -> list[bool]:
+    """For every room: is the taught action the top-ranked admissible action by summed log-prob?"""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2v.policies.prompts import completion, prompt_from_row
+    from r2v.train.common import encode, pad_batch, sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ok = []
+    for i, room in enumerate(ROOMS):
+        prompt = prompt_from_row(step_row(i, room, "", "train"), cfg.policy.history_steps)
+        feats = [encode(tok, prompt, completion(a), cfg.model.max_context_tokens) for a in ACTIONS]
+        batch = pad_batch(feats, tok.pad_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert torch.isfinite(logits).all()
+        scores = sequence_logps(logits, batch)
+        ok.append(int(scores.argmax()) == i)
+    return ok
+
+
+# ----------------------------------------------------------------------------------------- unit level
+def test_examples_filter_and_mask_completion_only(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+
+    from r2v.train.bc import bc_examples
+    from r2v.train.common import encode, pad_batch, rank_partition
+
+    cfg = make_cfg(tmp_path, tiny_model, 2)
+    train, val, files = bc_examples(cfg)
+    assert len(train) == 48 and len(val) == 6 and len(files) == 3  # empty action and actor=slm dropped
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    f = encode(tok, train[0]["prompt"], train[0]["completion"], 20)  # forces left truncation
+    assert len(f["input_ids"]) == 20 and f["input_ids"][-1] == tok.eos_token_id
+    batch = pad_batch([f, encode(tok, "short", " look", 96)], tok.pad_token_id)
+    targets = batch["input_ids"][:, 1:][batch["loss_mask"]].tolist()
+    want = tok(train[0]["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    want2 = tok(" look", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert targets == want + want2  # loss only on completion tokens (incl. eos), never on prompt or padding
+    # equal-sized, seeded partitions that cover every example; wrapped duplicates have weight 0
+    parts = [rank_partition(7, r, 2, seed=0) for r in range(2)]
+    assert len(parts[0][0]) == len(parts[1][0]) == 4
+    assert sorted(i for idx, w in parts for i, x in zip(idx, w) if x) == list(range(7))
+
+
+# ----------------------------------------------------------------------------------------- end to end
+def test_bc_zero2_learns_and_saves_hf_model(ray_local, tmp_path, tiny_model):
+    from r2v.train.bc import run_train_bc
+
+    cfg = make_cfg(tmp_path, tiny_model, 2, epochs=10.0, save_steps=1000)
+    before = rank_actions(tiny_model, cfg)
+    summary = run_train_bc(cfg)
+    epochs = summary["epochs"]
+    print("bc zero2 wall", summary["train_wall_s"], "losses", [round(e["loss"], 3) for e in epochs],
+          "val", [round(e["val_loss"], 3) for e in epochs])
+    assert len(epochs) == 10 and summary["steps"] == 10 * 6
+    assert epochs[-1]["loss"] < 0.5 * epochs[0]["loss"]
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
+    assert all(e["tokens_per_s"] > 0 for e in epochs)
+    assert summary["resumed_from_step"] is None
+    out = cfg.experiment_dir / "models" / "bc"
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    after = rank_actions(out, cfg)
+    assert all(after), (before, after)  # the taught action is ranked first for every prompt
+
+
+@pytest.mark.slow
+def test_bc_zero3_resumes_after_worker_kill(ray_local, tmp_path, tiny_model, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from r2v.train.bc import run_train_bc
+    from r2v.train.common import FAULT_ENV
+
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(FAULT_ENV, str(marker))
+    cfg = make_cfg(tmp_path, tiny_model, 3, epochs=4.0, save_steps=4)
+    summary = run_train_bc(cfg)
+    assert marker.exists()  # rank 1 did die once ...
+    assert summary["resumed_from_step"] == 4  # ... and the new worker group restored the step-4 checkpoint
+    assert summary["steps"] == 24 and [e["epoch"] for e in summary["epochs"]] == [1, 2, 3, 4]
+    assert summary["epochs"][-1]["loss"] < summary["epochs"][0]["loss"]
+    out = cfg.experiment_dir / "models" / "bc"
+    model = AutoModelForCausalLM.from_pretrained(out)  # ZeRO-3 shards consolidated into HF weights
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    changed = [not torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values())]
+    assert sum(changed) > len(changed) // 2  # trained weights, not the init ones
+    assert not math.isnan(summary["final_loss"])
+
+
+@pytest.mark.slow
+def test_bc_lora_resumes_after_driver_crash(ray_local, tmp_path, tiny_model, monkeypatch):
+    """No Ray-level retries (max_failures=0): the run fails after its first checkpoint; calling the stage
+    again finds that checkpoint and resumes from it. LoRA is merged into a plain HF directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from r2v.train.bc import run_train_bc
+    from r2v.train.common import FAULT_ENV
+
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(FAULT_ENV, str(marker))
+    cfg = make_cfg(tmp_path, tiny_model, 2, epochs=3.0, save_steps=4, max_failures=0)
+    cfg.model.lora.enabled = True
+    cfg.model.lora.r = 8
+    with pytest.raises(Exception):
+        run_train_bc(cfg)
+    assert marker.exists() and not (cfg.experiment_dir / "models" / "bc").exists()
+    summary = run_train_bc(cfg)
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 18
+    assert summary["epochs"][-1]["loss"] < summary["epochs"][0]["loss"]
+    out = cfg.experiment_dir / "models" / "bc"
+    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    sd, base_sd = model.state_dict(), base.state_dict()
+    assert sd.keys() == base_sd.keys()  # merged: no lora_A/lora_B left
+    for name in sd:
+        lora_target = any(t in name for t in cfg.model.lora.target_modules)
+        assert torch.equal(sd[name], base_sd[name]) != lora_target, name  # only the adapted projections moved
+    again = run_train_bc(cfg)  # the finished run is reused, not retrained
+    assert again["reused_checkpoint"] and again["steps"] == 18

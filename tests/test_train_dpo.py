@@ -1,0 +1,208 @@
+"""DPO + consistency (JSD): the math in-process, then end to end on Ray Train + DeepSpeed (2 CPU workers)."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+
+from r2v.config import R2VConfig, TinyModelConfig
+from r2v.data import ShardStore, shard_key
+
+ACTIONS = ["go north", "go south", "take key", "open door", "eat apple", "look"]
+ROOMS = ["kitchen", "cellar", "garden", "attic", "hall", "study"]
+
+
+def prompt(room: str, noise: str = "") -> str:
+    from r2v.policies.prompts import format_prompt
+
+    return format_prompt(f"find the treasure in the {room}", [], f"You are in the {room}.{noise} Exits lead everywhere.")
+
+
+def pair_rows(copies: int = 4) -> list[dict]:
+    rows = []
+    for c in range(copies):
+        for i, room in enumerate(ROOMS):
+            rows.append({
+                "experiment": "dpo", "env": "toy", "task_id": f"t{i}", "episode_id": f"e{i}-{c}", "step": 0,
+                "perturbation_seed": 1, "prompt": prompt(room), "chosen": ACTIONS[i],
+                "rejected": ACTIONS[(i + 1) % len(ACTIONS)], "chosen_score": 1.0, "rejected_score": 0.0,
+                # every other room has a peer under another seed (a distractor line); the rest get no term
+                "peer_prompt": prompt(room, " A note says: go west.") if i % 2 == 0 else None,
+                "peer_seed": 2 if i % 2 == 0 else None,
+            })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from r2v.policies.init_model import save_tiny_model
+    from r2v.policies.prompts import completion
+
+    texts = [prompt(r, n) + completion(a) for r in ROOMS for a in ACTIONS for n in ("", " A note says: go west.")]
+    out = tmp_path_factory.mktemp("tiny") / "init"
+    arch = TinyModelConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, vocab_size=400)
+    save_tiny_model(texts * 4, arch, out, max_positions=128)
+    return out
+
+
+def encoded(tok, rows, max_tokens=96):
+    from r2v.policies.prompts import completion
+    from r2v.train.dpo import DPOObjective
+
+    obj = DPOObjective({"max_tokens": max_tokens, "beta": 0.1, "consistency_weight": 0.1,
+                        "consistency_positions": 5, "consistency_temperature": 2.0})
+    return [obj.encode(tok, {"prompt": r["prompt"], "chosen": completion(r["chosen"]),
+                             "rejected": completion(r["rejected"]), "peer_prompt": r["peer_prompt"]}) for r in rows]
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------- unit level
+def test_jsd_zero_for_identical_contexts_positive_for_different(tiny_model):
+    import torch
+
+    from r2v.train.dpo import jsd, policy_forward, select_last
+
+    x = torch.randn(7, 50)
+    assert torch.equal(jsd(x, x.clone(), 2.0), torch.zeros(7))
+    assert (jsd(x, torch.randn(7, 50), 2.0) > 0).all()
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert select_last(mask, 2).tolist() == [[False, False, True, True, False], [True, True, False, False, False]]
+
+    model, tok = load(tiny_model)
+    same = [dict(r, peer_prompt=r["prompt"]) for r in pair_rows(1)]
+    res = policy_forward(model, encoded(tok, same), tok.pad_token_id, "cpu", 5, 2.0)
+    assert len(res["peer_rows"]) == len(same)
+    assert float(res["cons"].detach().abs().max()) < 1e-7  # identical contexts: zero (up to batched-matmul rounding)
+    res = policy_forward(model, encoded(tok, pair_rows(1)), tok.pad_token_id, "cpu", 5, 2.0)
+    assert res["peer_rows"] == [0, 2, 4]  # rows without a peer get no term
+    assert (res["cons"] > 1e-6).all()
+
+
+def test_consistency_term_decreases_under_training(tiny_model):
+    import torch
+
+    from r2v.train.dpo import policy_forward
+
+    torch.manual_seed(0)
+    model, tok = load(tiny_model)
+    feats = encoded(tok, [r for r in pair_rows(1) if r["peer_prompt"]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    values = []
+    for _ in range(12):
+        cons = policy_forward(model, feats, tok.pad_token_id, "cpu", 5, 2.0)["cons"].mean()
+        values.append(float(cons))
+        opt.zero_grad()
+        cons.backward()
+        opt.step()
+    assert values[-1] < 0.5 * values[0], values
+
+
+def test_reference_logps_constant_and_dpo_loss_and_margin_improve(tiny_model):
+    import torch
+
+    from r2v.train.dpo import dpo_loss, policy_forward, reference_logps
+
+    torch.manual_seed(0)
+    ref, tok = load(tiny_model)
+    ref.requires_grad_(False).eval()
+    policy, _ = load(tiny_model)
+    feats = encoded(tok, pair_rows(1))
+    before = reference_logps(ref, feats, tok.pad_token_id, "cpu", 4)
+    for f, (c, r) in zip(feats, before):
+        f["ref_chosen"], f["ref_rejected"] = c, r
+    pol0 = policy_forward(policy, feats, tok.pad_token_id, "cpu", 5, 2.0)["chosen"].detach().clone()
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    losses, margins = [], []
+    for _ in range(15):
+        loss, stats = dpo_loss(policy, feats, tok.pad_token_id, "cpu", beta=0.1, weight=0.1, positions=5,
+                               temperature=2.0)
+        losses.append(stats["dpo_loss_sum"] / stats["pairs"])
+        margins.append(stats["margin_sum"] / stats["pairs"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert abs(losses[0] - 0.6931) < 1e-3 and abs(margins[0]) < 1e-4  # policy == reference at step 0
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert margins[-1] > margins[0] + 0.1, margins
+    assert reference_logps(ref, feats, tok.pad_token_id, "cpu", 4) == before  # reference untouched by training
+    pol1 = policy_forward(policy, feats, tok.pad_token_id, "cpu", 5, 2.0)["chosen"].detach()
+    assert not torch.allclose(pol0, pol1)
+
+
+# ----------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+def make_cfg(tmp_path, tiny_model, zero_stage: int) -> R2VConfig:
+    cfg = R2VConfig(experiment="dpo", runs_dir=str(tmp_path))
+    cfg.tracking.enabled = False
+    cfg.model.max_context_tokens = 96
+    t = cfg.dpo.train
+    t.num_workers, t.zero_stage, t.per_device_batch_size, t.learning_rate = 2, zero_stage, 4, 5e-3
+    t.epochs, t.save_steps = 6.0, 1000
+    cfg.dpo.beta = 0.5
+    shutil.copytree(tiny_model, cfg.experiment_dir / "models" / "bc")  # stands in for a BC model
+    store = ShardStore(cfg.experiment_dir / "pairs", "pairs")
+    rows = pair_rows(4)
+    store.write(shard_key(part=0), rows[:12])
+    store.write(shard_key(part=1), rows[12:])
+    return cfg
+
+
+def dir_hash(path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def check_dpo_run(cfg, summary):
+    import torch
+
+    from r2v.train.dpo import reference_logps
+
+    ep = summary["epochs"]
+    print("dpo", cfg.dpo.train.zero_stage, "wall", round(summary["train_wall_s"], 1),
+          [(round(e["loss"], 3), round(e["margin"], 3), round(e["consistency"], 4)) for e in ep])
+    assert len(ep) == 6 and summary["pairs_with_peer"] == 12
+    assert ep[-1]["loss"] < ep[0]["loss"] and ep[-1]["margin"] > ep[0]["margin"] > -0.05
+    assert ep[-1]["accuracy"] > 0.8 and ep[-1]["consistency"] > 0
+    # the reference log-probs used in training equal a fresh computation from the untouched models/bc
+    ref, tok = load(cfg.experiment_dir / "models" / "bc")
+    feats = encoded(tok, pair_rows(4))
+    want = sum(c for c, _ in reference_logps(ref.eval(), feats, tok.pad_token_id, "cpu", 8))
+    assert abs(summary["ref_chosen_logp_sum"] - want) < 1e-3 * abs(want)
+    model, _ = load(cfg.experiment_dir / "models" / "dpo")
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 4, 7, 9]])).logits).all()
+
+
+@pytest.mark.ray
+def test_dpo_zero2_end_to_end(ray_local, tmp_path, tiny_model):
+    from r2v.train.dpo import run_train_dpo
+
+    cfg = make_cfg(tmp_path, tiny_model, 2)
+    bc_before = dir_hash(cfg.experiment_dir / "models" / "bc")
+    summary = run_train_dpo(cfg)
+    check_dpo_run(cfg, summary)
+    assert dir_hash(cfg.experiment_dir / "models" / "bc") == bc_before  # the reference model is never written
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dpo_zero3_end_to_end(ray_local, tmp_path, tiny_model):
+    from r2v.train.dpo import run_train_dpo
+
+    cfg = make_cfg(tmp_path, tiny_model, 3)
+    check_dpo_run(cfg, run_train_dpo(cfg))
