@@ -16,7 +16,7 @@ def test_quickstart_layers_defaults_then_file_then_overrides():
     assert cfg.experiment == "quickstart"  # from the preset, over base.yaml's `default`
     assert cfg.env.name == "textworld"  # from defaults: env/textworld
     assert cfg.model.init.hidden_size == 128  # from defaults: model/tiny
-    assert cfg.env.textworld.levels == [1, 2, 3, 4]  # preset wins over env/textworld.yaml
+    assert cfg.env.textworld.levels == [3, 4, 5, 6, 7, 8]  # preset wins over env/textworld.yaml
     assert cfg.env.max_steps == 17 and cfg.policy.num_candidates == 3  # overrides win over everything
     assert cfg.model.path == "runs/quickstart/models/init"  # interpolation resolved
 

@@ -15,9 +15,10 @@ from r2v.errors import R2VError, StageNotBuilt
 # Commands that are not stages of the pipeline graph: (library target or None, tracking issue, help).
 EXTRA_COMMANDS: dict[str, tuple[str | None, int, str]] = {
     "collect": ("r2v.rollout.stage:run_collect", 4, "collect rollouts with collect.policy=teacher|slm|routed into Parquet shards"),
-    "calibrate": (None, 9, "map a target LLM-call budget to a router threshold; print the realised rate"),
-    "serve": (None, 7, "deploy the routed agent as a Ray Serve app (HTTP, OpenAI-compatible)"),
-    "submit": (None, 8, "submit the pipeline (or one stage) as a Ray job to a cluster"),
+    "calibrate": ("r2v.router.stage:run_calibrate", 9,
+                  "map a target LLM-call budget to a router threshold; print the realised rate"),
+    "serve": ("r2v.serve.app:run_serve", 7, "deploy the routed agent as a Ray Serve app (HTTP, OpenAI-compatible)"),
+    "submit": ("r2v.submit:run_submit", 8, "submit the pipeline (or one stage) as a Ray job to a cluster"),
 }
 STAGE_HELP = {
     "tasks": "generate/load the env's tasks and fix the train/val/test split",
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, help_) in EXTRA_COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         _add_config_args(p)
+        if name == "calibrate":
+            p.add_argument("--budget", type=float, help="target LLM calls per step (default: router.budget)")
+            p.add_argument("--write", action="store_true", help="store the threshold in models/router")
+        if name == "submit":
+            p.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS)")
+            p.add_argument("--stage", default="run", help="a stage name, or `run` for the pipeline (default)")
+            p.add_argument("--no-wait", action="store_true", help="return after submitting")
     return parser
 
 
@@ -131,7 +139,13 @@ def dispatch(args) -> int:
     import importlib
 
     module, fn = target.split(":")
-    summary = getattr(importlib.import_module(module), fn)(_load(args))
+    kwargs = {}
+    if args.command == "calibrate":
+        kwargs = {"budget": args.budget, "write": args.write}
+    if args.command == "submit":
+        kwargs = {"config_path": args.config, "overrides": list(args.overrides), "address": args.address,
+                  "stage": args.stage, "wait": not args.no_wait}
+    summary = getattr(importlib.import_module(module), fn)(_load(args), **kwargs)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -277,9 +277,10 @@ class ServeConfig:
     router: Optional[str] = None  # None: router.kind; r2v loads models_dir/router
     fallback_router: str = "entropy"  # served when the r2v checkpoint is missing
     threshold: Optional[float] = None  # overrides the router's own threshold
-    threshold_file: Optional[str] = None  # a sweep's best-<budget>.yaml (key `threshold`); below `threshold`
+    threshold_file: Optional[str] = None  # a sweep's best-<budget>.yaml (its router + τ) or a YAML with `threshold`
     max_batch_size: int = 16  # SLM @serve.batch
     batch_wait_timeout_s: float = 0.005
+    speculative_verify: bool = True  # rank mode: verify every admissible action while the SLM runs (one hop less)
     max_sessions: int = 10000
     deployments: dict[str, Any] = field(default_factory=dict)  # {slm|verifier|router|teacher|sessions|ingress: options}
     app_name: str = "r2v"

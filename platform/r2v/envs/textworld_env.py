@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from r2v.config import EnvConfig, TextWorldConfig
 
 PARALLEL_MIN_MISSING = 5  # below this, Ray task start-up costs more than it saves
+GENERATION_ATTEMPTS = 8  # derived map seeds tried when a map cannot hold the level's quest
 
 _BANNER_CHARS = set("$\\|_/ ")
 _END_LINES = ("Would you like to RESTART", "*** The End ***")
@@ -84,21 +85,30 @@ def generate_game(challenge: str, settings: dict[str, Any], level: int, seed: in
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         _, make, _ = CHALLENGES[challenge]
-        opts = textworld.GameOptions()
-        # TextWorld makes the same map for levels that share a quest length (treasure hunter levels 1 and 2)
-        # when given the same seed: derive the generator seed from (challenge, level, seed) instead
-        opts.seeds = stable_seed("textworld-game", challenge, level, seed) % (2**31)
-        opts.path = str(tmp / "game.z8")
-        opts.file_ext = ".z8"
-        opts.force_recompile = True
-        try:
-            game = make({**settings, "level": level}, opts)
-        except (KeyError, ValueError, TypeError) as e:
-            raise R2VError(
-                f"TextWorld could not make {challenge} level {level} seed {seed} with "
-                f"`env.textworld.settings` = {settings!r}: {type(e).__name__}: {e}. "
-                "Check the challenge's settings (e.g. tw-cooking needs recipe/take/go/...)."
-            ) from None
+        from textworld.generator.chaining import QuestGenerationError
+
+        for attempt in range(GENERATION_ATTEMPTS):
+            opts = textworld.GameOptions()
+            # TextWorld makes the same map for levels that share a quest length (treasure hunter levels 1
+            # and 2) when given the same seed: derive the generator seed from (challenge, level, seed). Some
+            # maps cannot hold the level's quest: derive the next seed, deterministically, and try again.
+            opts.seeds = stable_seed("textworld-game", challenge, level, seed, *([attempt] if attempt else [])) % (2**31)
+            opts.path = str(tmp / "game.z8")
+            opts.file_ext = ".z8"
+            opts.force_recompile = True
+            try:
+                game = make({**settings, "level": level}, opts)
+                break
+            except QuestGenerationError:
+                if attempt == GENERATION_ATTEMPTS - 1:
+                    raise R2VError(f"TextWorld found no {challenge} level {level} quest for seed {seed} in "
+                                   f"{GENERATION_ATTEMPTS} derived map seeds; use other levels or seeds") from None
+            except (KeyError, ValueError, TypeError) as e:
+                raise R2VError(
+                    f"TextWorld could not make {challenge} level {level} seed {seed} with "
+                    f"`env.textworld.settings` = {settings!r}: {type(e).__name__}: {e}. "
+                    "Check the challenge's settings (e.g. tw-cooking needs recipe/take/go/...)."
+                ) from None
         built = Path(textworld.generator.compile_game(game, opts))
         os.replace(built.with_suffix(".json"), final.with_suffix(".json"))
         os.replace(built, final.with_suffix(".z8"))

@@ -76,7 +76,7 @@ class EnvWorker:
             from r2v.rollout.episode import BranchAgent
 
             self.teacher = getattr(self, "teacher", None) or make_teacher(self.cfg)
-            agent = BranchAgent(self.agent, self.teacher, list(unit.prefix), unit.teacher_steps)
+            agent = BranchAgent(agent, self.teacher, list(unit.prefix), unit.teacher_steps)
         rows = run_episode(self.env, agent, unit.task, meta, self.cfg.env.max_steps,
                            self.cfg.policy.history_steps)
         self.store.write(unit.key, rows)

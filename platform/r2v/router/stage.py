@@ -55,3 +55,32 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
     if 0 < val.y.mean() < 1:
         summary["val_auroc"] = float(auroc(p_val, val.y))
     return summary
+
+
+def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = False) -> dict[str, Any]:
+    """Map a target LLM-call budget (share of steps escalated) to the trained router's threshold on the
+    validation rows, and report the rate that threshold realises on held-out test rows. `write` stores
+    the threshold in models/router so eval and serve use it."""
+    from r2v.router.model import RiskModel
+    from r2v.router.thresholds import calibrate, realised_rate
+
+    budget = cfg.router.budget if budget is None else budget
+    if not 0 <= budget <= 1:
+        raise R2VError(f"--budget {budget} must be a share of steps in [0, 1]")
+    model = RiskModel.load(router_dir(cfg))
+    df = read_router_rows(cfg)
+    feats = {s: np.stack([np.asarray(v, dtype=np.float32) for v in df[df["split"] == s]["features"]])
+             for s in ("val", "test") if (df["split"] == s).any()}
+    if "val" not in feats:
+        raise R2VError("no validation router rows: run `r2v collect-router` with val tasks in the split")
+    tau, val_rate = calibrate(model.predict(feats["val"]), budget)
+    out = {"budget": budget, "threshold": float(tau), "val_call_rate": float(val_rate),
+           "val_steps": int(len(feats["val"]))}
+    if "test" in feats:
+        out["test_call_rate"] = float(realised_rate(model.predict(feats["test"]), tau))
+        out["test_steps"] = int(len(feats["test"]))
+    if write:
+        model.threshold, model.threshold_info = float(tau), {"kind": "budget", "budget": budget, "calibrated": "val"}
+        model.save(router_dir(cfg))
+        out["written_to"] = str(router_dir(cfg))
+    return out
