@@ -222,8 +222,11 @@ class RouterConfig:
     threshold: str = "budget"  # bayes | budget | cvar
     budget: float = 0.3  # target LLM-call rate per step when threshold=budget
     kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
+    fit_split: str = "train"  # train | val: val fits the router on tasks the SLM never trained on
+    fit_fraction: float = 0.6  # with fit_split=val: share of val tasks fitted on; the rest calibrates
     rollout_seeds: list[int] = field(default_factory=lambda: list(range(8)))
     branch_steps_per_episode: int = 3
+    branch_teacher_steps: int = 1  # m: steps the teacher takes in a branch before the SLM continues
     batch_size: int = 256  # router minibatch; CVaR is taken over the seeds present in each batch
     weight_decay: float = 1e-4
     device: str = "auto"  # auto | cpu | cuda | cuda:N (the router is tiny: cpu is fine)
@@ -428,6 +431,7 @@ def validate(cfg: R2VConfig) -> None:
         "router.label": (cfg.router.label, {"episode", "branch"}),
         "router.threshold": (cfg.router.threshold, {"bayes", "budget", "cvar"}),
         "router.calibration": (cfg.router.calibration, {"temperature", "platt"}),
+        "router.fit_split": (cfg.router.fit_split, {"train", "val"}),
         "model.init.architecture": (cfg.model.init.architecture, {"llama", "qwen2"}),
     }
     for key, (value, allowed) in choices.items():

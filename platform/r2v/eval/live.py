@@ -34,10 +34,10 @@ def feature_rows(df) -> list[dict[str, float]]:
 def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     """Every method of `eval.methods`, thresholds fixed on validation rows. Returns (routers, notes)."""
     from r2v.router.baselines import load_router, make_router
-    from r2v.router.stage import read_router_rows, router_dir
+    from r2v.router.stage import read_router_rows, router_dir, router_part
 
     rows = read_router_rows(cfg)
-    val = rows[rows["split"] == "val"]
+    val = router_part(cfg, rows, "calibration")
     val_feats, val_eps = feature_rows(val), list(val["episode_id"])
     routers: dict[str, Router] = {}
     notes: dict[str, Any] = {}

@@ -3,13 +3,14 @@
 1. The SLM (with the verifier picking among its candidates, never escalating) plays every train/val/test
    task under each of `router.rollout_seeds`; every step records its router features.
 2. Counterfactual branches: at up to `router.branch_steps_per_episode` sampled steps of each *failed* SLM
-   episode, the episode is replayed to that step under the same seed, the teacher takes the step, and the
-   SLM continues. Label 1 where the teacher branch succeeds and the SLM branch failed. The SLM branch is
+   episode, the episode is replayed to that step under the same seed, the teacher takes that step and the
+   next `router.branch_teacher_steps` - 1 (m = 1: just this step), and the SLM continues. Label 1 where the teacher branch succeeds and the SLM branch failed. The SLM branch is
    the recorded episode itself: rank-mode SLM and verifier are deterministic given the seed, so replaying
    it would reproduce it (in `generate` mode it is re-run as a branch with zero teacher steps). Steps of
    successful SLM episodes are label 0 (the SLM already succeeds from there).
 3. One `router_rows` shard per split, with both labels: `episode_failed` and `branch_label`.
-Everything is a shard keyed by its unit, so an interrupted stage resumes where it stopped.
+Everything is a shard keyed by its unit (branches of each m in their own folder), so an interrupted stage
+resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def slm_rollout_dir(cfg: R2VConfig):
 
 
 def branch_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "rollouts" / "branches"
+    return cfg.experiment_dir / "rollouts" / f"branches-m{cfg.router.branch_teacher_steps}"
 
 
 def router_rows_dir(cfg: R2VConfig):
@@ -73,7 +74,7 @@ def branch_units(cfg: R2VConfig, steps_df, tasks_by_id) -> list[Unit]:
         task = tasks_by_id[first["task_id"]]
         for t in picks:
             units.append(Unit(task, first["split"], int(first["perturbation_seed"]), 0, "branch",
-                              prefix=tuple(actions[:t]), teacher_steps=1))
+                              prefix=tuple(actions[:t]), teacher_steps=cfg.router.branch_teacher_steps))
             if regenerate_slm:
                 units.append(Unit(task, first["split"], int(first["perturbation_seed"]), 0, "slm-branch",
                                   prefix=tuple(actions[:t]), teacher_steps=0))
@@ -121,7 +122,8 @@ def run_collect_router(cfg: R2VConfig) -> dict[str, Any]:
 
     init_ray(cfg)
     model_dir = latest_policy_dir(cfg)
-    tasks = tasks_by_split(cfg, SPLITS)
+    splits = [s for s in SPLITS if s in {cfg.router.fit_split, "val", "test"}]  # train rows only when fitted on
+    tasks = tasks_by_split(cfg, splits)
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     factory = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False, name="slm")
     try:
@@ -139,7 +141,7 @@ def run_collect_router(cfg: R2VConfig) -> dict[str, Any]:
                                "branch_episodes": len(branches), "wall_slm_s": slm_summary.get("wall_s", 0.0),
                                "wall_branch_s": branch_summary.get("wall_s", 0.0)}
     rows = label_rows(cfg, steps_df, branches_df)
-    for split in SPLITS:
+    for split in splits:
         split_rows = [r for r in rows if r["split"] == split]
         store.write(f"split={split}", split_rows)
         ep = steps_df[steps_df["split"] == split].groupby("episode_id")["episode_success"].first()

@@ -26,11 +26,30 @@ def read_router_rows(cfg: R2VConfig):
     return df
 
 
-def split_data(cfg: R2VConfig, df, split: str, label: str | None = None):
+def router_part(cfg: R2VConfig, df, part: str):
+    """The router rows of `part`: `fit` (the router's training data) or `calibration` (best epoch,
+    temperature, thresholds, baseline budgets). By default fit = the train split, calibration = val. With
+    `router.fit_split=val` the router never sees the tasks the SLM was trained on (whose failure profile
+    differs from unseen tasks): val *tasks* are divided, by a seeded hash, into a fit share
+    (`router.fit_fraction`) and a calibration rest."""
+    from r2v.envs.base import split_tasks
+
+    if part not in ("fit", "calibration"):
+        raise ValueError(f"router part {part!r} is not fit or calibration")
+    if cfg.router.fit_split != "val":
+        return df[df["split"] == (cfg.router.fit_split if part == "fit" else "val")]
+    val = df[df["split"] == "val"]
+    f = cfg.router.fit_fraction
+    halves = split_tasks(sorted(set(val["task_id"])), (f, 1.0 - f, 0.0), cfg.seed)
+    return val[val["task_id"].isin(halves["train" if part == "fit" else "val"])]
+
+
+def split_data(cfg: R2VConfig, df, part: str, label: str | None = None):
+    """RouterData of `part` (fit | calibration, see router_part) for `label` (default router.label)."""
     from r2v.router.model import RouterData
 
-    part = df[df["split"] == split]
-    return RouterData.from_frame(part, label or cfg.router.label, source=f"router rows ({split})")
+    return RouterData.from_frame(router_part(cfg, df, part), label or cfg.router.label,
+                                 source=f"router rows ({part})")
 
 
 def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
@@ -39,12 +58,12 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
     from r2v.router.model import RiskModel
 
     df = read_router_rows(cfg)
-    train, val = split_data(cfg, df, "train"), split_data(cfg, df, "val")
+    train, val = split_data(cfg, df, "fit"), split_data(cfg, df, "calibration")
     model = RiskModel(train.X.shape[1], cfg.router)
     history = model.fit(train, val, cfg.router, seed=cfg.seed)
     out = router_dir(cfg)
     model.save(out)
-    pre = make_router("pre_execution").fit(split_data(cfg, df, "train", "episode"))
+    pre = make_router("pre_execution").fit(split_data(cfg, df, "fit", "episode"))
     save_router(pre, out / "pre_execution")
     p_val = model.predict(val.X)
     summary = {"train_rows": len(train), "val_rows": len(val), "train_positive_rate": float(train.y.mean()),
@@ -69,10 +88,11 @@ def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = Fal
         raise R2VError(f"--budget {budget} must be a share of steps in [0, 1]")
     model = RiskModel.load(router_dir(cfg))
     df = read_router_rows(cfg)
-    feats = {s: np.stack([np.asarray(v, dtype=np.float32) for v in df[df["split"] == s]["features"]])
-             for s in ("val", "test") if (df["split"] == s).any()}
+    parts = {"val": router_part(cfg, df, "calibration"), "test": df[df["split"] == "test"]}
+    feats = {k: np.stack([np.asarray(v, dtype=np.float32) for v in part["features"]])
+             for k, part in parts.items() if len(part)}
     if "val" not in feats:
-        raise R2VError("no validation router rows: run `r2v collect-router` with val tasks in the split")
+        raise R2VError("no calibration router rows: run `r2v collect-router` with val tasks in the split")
     tau, val_rate = calibrate(model.predict(feats["val"]), budget)
     out = {"budget": budget, "threshold": float(tau), "val_call_rate": float(val_rate),
            "val_steps": int(len(feats["val"]))}

@@ -96,13 +96,13 @@ def check_sweep_config(cfg: R2VConfig) -> None:
 
 def load_data(cfg: R2VConfig) -> tuple[SweepData, list[str]]:
     """Router data for every searchable label (a label without rows is dropped, with a note) + val steps."""
-    from r2v.router.stage import read_router_rows, split_data
+    from r2v.router.stage import read_router_rows, router_part, split_data
 
     rows = read_router_rows(cfg)
     train, val, labels = {}, {}, []
     for label in cfg.sweep.labels:
         try:
-            train[label], val[label] = split_data(cfg, rows, "train", label), split_data(cfg, rows, "val", label)
+            train[label], val[label] = split_data(cfg, rows, "fit", label), split_data(cfg, rows, "calibration", label)
         except R2VError as e:
             print(f"[sweep] router.label={label} left out of the search: {e}")
             continue
@@ -114,7 +114,7 @@ def load_data(cfg: R2VConfig) -> tuple[SweepData, list[str]]:
     if not labels:
         raise R2VError(f"no router label in sweep.labels={list(cfg.sweep.labels)} has train and val rows; "
                        f"run `r2v collect-router` (with branches for label=branch)")
-    steps = ValEpisodes.from_frame(rows[rows["split"] == "val"])
+    steps = ValEpisodes.from_frame(router_part(cfg, rows, "calibration"))
     epochs = int(cfg.sweep.epochs or cfg.router.epochs)
     if epochs < 1:
         raise R2VError("`sweep.epochs` (or router.epochs) must be at least 1")
