@@ -136,3 +136,19 @@ def test_failed_write_leaves_no_partial_shard(tmp_path, monkeypatch):
 def test_empty_store_reads_as_empty_table(tmp_path):
     t = ShardStore(tmp_path / "none", "router_rows").read()
     assert t.num_rows == 0 and "features" in t.schema.names
+
+
+def test_shards_of_other_inputs_are_set_aside_not_skipped(tmp_path):
+    from r2v.data.shards import prepare_dir
+
+    root = tmp_path / "eval"
+    row = dict(experiment="e", env="x", task_id="t", split="test", episode_id="e", policy="p",
+               perturbation_seed=0, step=0)
+    prepare_dir(root, {"model": "a"})
+    ShardStore(root, "steps").write("k", [row])
+    prepare_dir(root, {"model": "a"})  # same inputs: a resume keeps what is done
+    assert ShardStore(root, "steps").exists("k")
+    prepare_dir(root, {"model": "b"})  # retrained model: the old episodes must not count as done
+    assert not ShardStore(root, "steps").exists("k")
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith("eval.stale-")]
+    assert len(stale) == 1 and ShardStore(stale[0], "steps").exists("k")  # kept, not lost

@@ -151,3 +151,42 @@ class ShardStore:
         if not files:
             raise ShardError(f"no shards under {self.root}; run the stage that produces `{self.schema_name}` first")
         return ray.data.read_parquet([str(p) for p in files], schema=self.schema)
+
+
+INPUTS_FILE = "_inputs.json"
+
+
+def prepare_dir(root: str | Path, inputs: Mapping[str, Any]) -> Path:
+    """Make `root` the shard folder of exactly these inputs (model fingerprints, config hashes). Shards
+    made from other inputs (e.g. by a model since retrained) are never mixed in or skipped over: the old
+    folder is kept aside as `<root>.stale-<time>` and a fresh one is started."""
+    import json
+
+    root = Path(root)
+    want = json.dumps(dict(inputs), sort_keys=True, default=str)
+    marker = root / INPUTS_FILE
+    if root.is_dir() and any(root.iterdir()):
+        have = marker.read_text() if marker.is_file() else None
+        if have == want:
+            return root
+        stale = root.with_name(f"{root.name}.stale-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(root, stale)
+        print(f"[shards] {root} was made from other inputs; kept aside as {stale.name}, starting afresh")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(want)
+    return root
+
+
+def fingerprint_dir(path: str | Path) -> str:
+    """Cheap identity of a model directory: names, sizes and mtimes of its files."""
+    import hashlib
+
+    p = Path(path)
+    if not p.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for f in sorted(p.rglob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

@@ -91,7 +91,8 @@ def run_eval(cfg: R2VConfig) -> dict[str, Any]:
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
-    from r2v.rollout.stage import latest_policy_dir, tasks_by_split
+    from r2v.rollout.stage import collection_inputs, latest_policy_dir, tasks_by_split
+    from r2v.router.stage import router_dir
 
     init_ray(cfg)
     routers, notes = build_routers(cfg)
@@ -107,7 +108,9 @@ def run_eval(cfg: R2VConfig) -> dict[str, Any]:
         units += plan_units(tasks, list(cfg.eval.perturbation_seeds), 1, policy)
     print(f"[eval] {len(routers)} methods x {len(units) // max(1, len(routers))} live episodes each")
     try:
-        collect(cfg, units, factories, episodes_dir(cfg))
+        inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher", "router", "eval"),
+                                   (model_dir, str(router_dir(cfg))))
+        collect(cfg, units, factories, episodes_dir(cfg), inputs=inputs)
     finally:
         ray.kill(server)
     df = ShardStore(episodes_dir(cfg), "steps").read_pandas()

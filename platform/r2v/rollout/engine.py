@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from r2v.config import R2VConfig
 from r2v.data import ShardStore, shard_key
+from r2v.data.shards import prepare_dir
 from r2v.envs.base import Task
 from r2v.errors import R2VError
 
@@ -115,11 +116,15 @@ def fit_workers(requested: int, cpus_each: float, units: int) -> int:
 
 
 def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, AgentFactory], out_dir: str | Path,
-            progress: bool = True, on_started: Callable[[list], None] | None = None) -> dict[str, Any]:
+            progress: bool = True, on_started: Callable[[list], None] | None = None,
+            inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Play every unit whose shard is missing, on `collect.num_workers` env-worker actors. `agents` is one
     factory for every unit, or {policy: factory} (with "*" as the fallback) to play several policies on
-    one pool of workers."""
+    one pool of workers. `inputs` (model fingerprints, config hashes) ties the shards to what made them:
+    shards of other inputs are set aside, never skipped over as if done."""
     factories = agents if isinstance(agents, dict) else {ANY_POLICY: agents}
+    if inputs is not None:
+        prepare_dir(out_dir, inputs)
     import ray
     from tqdm.auto import tqdm
 

@@ -95,7 +95,7 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
-    from r2v.rollout.stage import latest_policy_dir, tasks_by_split
+    from r2v.rollout.stage import collection_inputs, latest_policy_dir, tasks_by_split
 
     init_ray(cfg)
     bc_dir = cfg.experiment_dir / "models" / "bc"
@@ -103,7 +103,8 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
     units = plan_units(tasks_by_split(cfg, ["train"]), list(cfg.dpo.perturbation_seeds), 1, "pair-probe")
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     try:
-        summary = collect(cfg, units, PairProbeFactory(model_dir, server), probe_dir(cfg))
+        inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
+        summary = collect(cfg, units, PairProbeFactory(model_dir, server), probe_dir(cfg), inputs=inputs)
     finally:
         ray.kill(server)
     probes = ShardStore(probe_dir(cfg), "steps").read_pandas()

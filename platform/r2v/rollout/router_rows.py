@@ -22,7 +22,7 @@ from r2v.data import ShardStore
 from r2v.envs.base import stable_seed
 from r2v.router.features import FEATURE_VERSION
 from r2v.rollout.engine import Unit, collect, plan_units
-from r2v.rollout.stage import latest_policy_dir, tasks_by_split
+from r2v.rollout.stage import collection_inputs, latest_policy_dir, tasks_by_split
 
 SPLITS = ["train", "val", "test"]
 
@@ -128,11 +128,14 @@ def run_collect_router(cfg: R2VConfig) -> dict[str, Any]:
     factory = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False, name="slm")
     try:
         units = plan_units(tasks, list(cfg.router.rollout_seeds), 1, "slm")
-        slm_summary = collect(cfg, units, factory, slm_rollout_dir(cfg))
+        inputs = collection_inputs(cfg, ("env", "policy", "verifier"), (model_dir,))
+        slm_summary = collect(cfg, units, factory, slm_rollout_dir(cfg), inputs=inputs)
         steps_df = ShardStore(slm_rollout_dir(cfg), "steps").read_pandas()
         by_id = {t.task_id: t for t in load_tasks(cfg.env)}
         branches = branch_units(cfg, steps_df, by_id)
-        branch_summary = collect(cfg, branches, factory, branch_dir(cfg)) if branches else {"episodes_run": 0}
+        inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
+        branch_summary = (collect(cfg, branches, factory, branch_dir(cfg), inputs=inputs) if branches
+                          else {"episodes_run": 0})
     finally:
         ray.kill(server)
     branches_df = ShardStore(branch_dir(cfg), "steps").read_pandas()

@@ -31,6 +31,17 @@ def tasks_by_split(cfg: R2VConfig, splits: list[str]) -> dict[str, list[Task]]:
     return out
 
 
+def collection_inputs(cfg: R2VConfig, sections: tuple[str, ...], models: tuple[str, ...] = (),
+                      **extra: Any) -> dict[str, Any]:
+    """What a collection's episodes depend on: the config sections that shape them and the models that
+    play them (see `prepare_dir`)."""
+    from r2v.config import config_hash
+    from r2v.data.shards import fingerprint_dir
+
+    return {"config": config_hash(cfg, *sections), "models": {m: fingerprint_dir(m) for m in models},
+            "history_steps": cfg.policy.history_steps, **extra}
+
+
 def rollout_dir(cfg: R2VConfig, policy: str):
     return cfg.experiment_dir / "rollouts" / policy
 
@@ -57,7 +68,8 @@ def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | N
     seeds = list(seeds if seeds is not None else cfg.collect.perturbation_seeds)
     units = plan_units(tasks, seeds, cfg.collect.episodes_per_task, policy)
     if policy == "teacher":
-        return collect(cfg, units, teacher_agent, rollout_dir(cfg, policy))
+        inputs = collection_inputs(cfg, ("env", "teacher"), epsilon=cfg.collect.teacher_epsilon)
+        return collect(cfg, units, teacher_agent, rollout_dir(cfg, policy), inputs=inputs)
     if policy == "slm":
         from r2v.policies.slm import SLMAgentFactory, start_slm_server
 
@@ -65,7 +77,8 @@ def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | N
         path = model_dir or latest_policy_dir(cfg)
         server = start_slm_server(cfg, path, cfg.collect.num_workers)
         try:
-            summary = collect(cfg, units, SLMAgentFactory(path, server), rollout_dir(cfg, policy))
+            summary = collect(cfg, units, SLMAgentFactory(path, server), rollout_dir(cfg, policy),
+                              inputs=collection_inputs(cfg, ("env", "policy", "model"), (path,)))
         finally:
             ray.kill(server)
         return {**summary, "model": path}
