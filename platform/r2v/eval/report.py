@@ -50,7 +50,12 @@ def plot_frontier(results: dict[str, dict[str, Any]], path, sweep_frontier=None)
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if sweep_frontier is not None and len(sweep_frontier):
-        f = sweep_frontier.sort_values("llm_call_rate")
+        f = sweep_frontier
+        if "source" in f.columns:
+            f = f[f["source"] == "validation"]
+        if "pareto" in f.columns:
+            f = f[f["pareto"].astype(bool)]
+        f = f.sort_values("llm_call_rate")
         ax.plot(f["llm_call_rate"], f["success"], "--", color="0.6", label="R2V sweep (validation estimate)")
     for name, r in results.items():
         lo, hi = r["success_ci"]
