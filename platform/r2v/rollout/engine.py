@@ -84,6 +84,9 @@ class EnvWorker:
         return {"key": unit.key, "steps": len(rows), "success": bool(rows and rows[-1]["episode_success"]),
                 "pid": os.getpid()}
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 def plan_units(tasks: dict[str, list[Task]], seeds: list[int], episodes_per_task: int, policy: str) -> list[Unit]:
     return [
@@ -151,7 +154,7 @@ def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, 
     if on_started:
         on_started(workers)
     attempts: dict[str, int] = {}
-    pids: set[int] = set()
+    pids: dict[int, set[int]] = {}  # worker index -> processes that ran its units (restarts add one)
     inflight: dict[Any, tuple[Any, Unit]] = {}
     t0 = time.time()
     label = units[0].policy if len(factories) == 1 else f"{len(factories)} policies"
@@ -181,7 +184,7 @@ def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, 
             summary["episodes_run"] += 1
             summary["steps"] += res["steps"]
             summary["successes"] += int(res["success"])
-            pids.add(res["pid"])
+            pids.setdefault(workers.index(worker), set()).add(res["pid"])
             bar.update(1)
             bar.set_postfix(steps_per_s=f"{summary['steps'] / max(1e-9, time.time() - t0):.1f}",
                             success=f"{summary['successes'] / summary['episodes_run']:.2f}")
@@ -191,5 +194,5 @@ def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, 
         for w in workers:
             ray.kill(w, no_restart=True)
     wall = time.time() - t0
-    return {**summary, "worker_processes": len(pids), "wall_s": wall, "steps_per_s": summary["steps"] / max(wall, 1e-9),
+    return {**summary, "worker_pids": {i: sorted(p) for i, p in pids.items()}, "wall_s": wall, "steps_per_s": summary["steps"] / max(wall, 1e-9),
             "success_rate": summary["successes"] / max(1, summary["episodes_run"])}
