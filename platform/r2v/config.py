@@ -122,6 +122,7 @@ class PolicyConfig:
     top_p: float = 0.95
     max_new_tokens: int = 24
     history_steps: int = 4  # how many past actions the prompt shows
+    rank_temperature: float = 0.0  # rank mode: 0 = greedy; > 0 samples among the top K (seeded by the state)
     select: str = "verifier"  # the SLM's proposal: the verifier's best candidate, or `logprob` (the likeliest)
 
 

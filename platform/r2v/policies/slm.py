@@ -128,12 +128,25 @@ class SLMPolicy:
         for (i, a), (s, m) in zip(owner, scores):
             per[i].append(Candidate(a, s, m))
         decisions = []
-        for cands in per:
+        for ctx, cands in zip(ctxs, per):
             cands.sort(key=lambda c: c.logprob, reverse=True)
-            decisions.append(Decision(action=cands[0].text, actor="slm",
-                                      candidates=cands[: self.cfg.num_candidates],
+            top = cands[: self.cfg.num_candidates]
+            if self.cfg.rank_temperature > 0:  # sample among the top K, seeded by the state: replays repeat it
+                top.insert(0, top.pop(self._sample(ctx, [c.logprob for c in top])))
+            decisions.append(Decision(action=top[0].text, actor="slm", candidates=top,
                                       entropy=_entropy([c.logprob for c in cands])))
         return decisions
+
+    def _sample(self, ctx: StepContext, logprobs: list[float]) -> int:
+        import random
+
+        from r2v.envs.base import stable_seed
+
+        rng = random.Random(stable_seed("rank-sample", ctx.task.task_id, ctx.seed, ctx.step,
+                                        *[a for a, _ in ctx.history]))
+        m = max(logprobs)
+        weights = [math.exp((x - m) / self.cfg.rank_temperature) for x in logprobs]
+        return rng.choices(range(len(logprobs)), weights=weights)[0]
 
     def generate(self, ctxs: list[StepContext]) -> list[Decision]:
         import torch
