@@ -57,6 +57,8 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
         ("env.split_fractions=[0.5,0.5,0.5]", "env.split_fractions"),
         ("env.perturbations.distractors=1.5", "env.perturbations.distractors"),
         ("bc.zero_stage=4", "bc.zero_stage"),
+        ("dpo.train.lr_schedule=cosine", "dpo.train.lr_schedule"),
+        ("bc.rank_negatives=0", "bc.rank_negatives"),
         ("router.alpha=0", "router.alpha"),
         ("not_an_override", "key=value"),
     ],

@@ -119,11 +119,60 @@ def test_examples_filter_and_mask_completion_only(tmp_path, tiny_model):
     assert sorted(i for idx, w in parts for i, x in zip(idx, w) if x) == list(range(7))
 
 
+def test_ranking_term_compares_the_teacher_action_with_the_other_commands(tmp_path, tiny_model):
+    import math
+
+    import torch
+
+    from r2v.train.bc import SFTObjective, bc_examples
+
+    cfg = make_cfg(tmp_path, tiny_model, 2)
+    train, val, _ = bc_examples(cfg)
+    assert all("negatives" not in ex for ex in train)  # rank_weight 0: plain SFT examples
+    for ex in val:  # held-out ranking accuracy is measured over every other admissible command
+        assert sorted(ex["negatives"] + [ex["completion"]]) == sorted(f" {a}" for a in ACTIONS)
+    cfg.bc.rank_weight, cfg.bc.rank_negatives = 1.0, 3
+    train2, _, _ = bc_examples(cfg)
+    assert [len(ex["negatives"]) for ex in train2] == [3] * len(train2)
+    assert all(ex["completion"] not in ex["negatives"] for ex in train2)
+    assert train2[0]["negatives"] == bc_examples(cfg)[0][0]["negatives"]  # the subset is seeded
+    # [teacher, negatives...] per example, laid out as the objective's forward pass lays them out
+    feats = [{"negatives": [{}, {}]}, {"negatives": []}, {"negatives": [{}]}]
+    seq = torch.tensor([0.0, -3.0, -0.5, -1.0, -2.0, 0.2])  # teachers 0, -3, -0.5; then 2 + 0 + 1 negatives
+    nll, first = SFTObjective._ranking(seq, feats)
+    assert torch.allclose(nll, torch.tensor([math.log(1 + math.exp(-1) + math.exp(-2)),
+                                             math.log(math.exp(-0.5) + math.exp(0.2)) + 0.5]))
+    assert first.tolist() == [True, False]  # the example without negatives is not a ranking
+
+
+def test_linear_schedule_warms_up_then_decays_to_zero():
+    """The scheduler section is DeepSpeed's own WarmupDecayLR, built here from the section we emit."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    from r2v.train.deepspeed_config import train_ds_config
+
+    assert "scheduler" not in train_ds_config(zero_stage=2, micro_batch_size=4, world_size=2)  # constant
+    section = train_ds_config(zero_stage=2, micro_batch_size=4, world_size=2, learning_rate=0.01,
+                              total_steps=40, warmup_ratio=0.1)["scheduler"]
+    assert section["type"] == "WarmupDecayLR"
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = WarmupDecayLR(opt, **section["params"])
+    lrs = []
+    for _ in range(40):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    peak = lrs.index(max(lrs))
+    assert 2 <= peak <= 4 and abs(max(lrs) - 0.01) < 1e-9  # 4 warm-up steps to the configured rate
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])) and lrs[-1] < 0.03 * max(lrs)  # then ~0 at the end
+
+
 # ----------------------------------------------------------------------------------------- end to end
-def test_bc_zero2_learns_and_saves_hf_model(ray_local, tmp_path, tiny_model):
+def test_bc_zero2_with_ranking_term_learns_and_saves_hf_model(ray_local, tmp_path, tiny_model):
     from r2v.train.bc import run_train_bc
 
-    cfg = make_cfg(tmp_path, tiny_model, 2, epochs=10.0, save_steps=1000)
+    cfg = make_cfg(tmp_path, tiny_model, 2, epochs=10.0, save_steps=1000, rank_weight=1.0, rank_negatives=3)
     before = rank_actions(tiny_model, cfg)
     summary = run_train_bc(cfg)
     epochs = summary["epochs"]
@@ -133,6 +182,8 @@ def test_bc_zero2_learns_and_saves_hf_model(ray_local, tmp_path, tiny_model):
     assert epochs[-1]["loss"] < 0.5 * epochs[0]["loss"]
     assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]
     assert all(e["tokens_per_s"] > 0 for e in epochs)
+    assert epochs[-1]["rank_loss"] < epochs[0]["rank_loss"]  # the ranking term is trained...
+    assert summary["final_val_rank_acc"] == 1.0  # ...and every held-out room ranks its action first
     assert summary["resumed_from_step"] is None
     out = cfg.experiment_dir / "models" / "bc"
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()

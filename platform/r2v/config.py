@@ -181,6 +181,18 @@ class TrainConfig:
     seed: int = 0
     save_steps: int = 50
     max_failures: int = 1
+    lr_schedule: str = "linear"  # linear: warm up over warmup_ratio of the steps, then decay to 0 | constant
+    warmup_ratio: float = 0.05
+
+
+@dataclass
+class BCConfig(TrainConfig):
+    """BC = SFT on the teacher's action; in rank mode optionally plus a listwise ranking term."""
+
+    # weight of −log softmax over [teacher action, other admissible commands] of summed completion log-probs:
+    # trains the ranking a rank-mode policy acts on (0 = plain SFT)
+    rank_weight: float = 0.0
+    rank_negatives: int = 8  # other admissible commands per step in the ranking term (a random subset)
 
 
 @dataclass
@@ -286,6 +298,7 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.005
     speculative_verify: bool = True  # rank mode: verify every admissible action while the SLM runs (one hop less)
     max_sessions: int = 10000
+    replica_retries: int = 4  # a call whose replica died is retried (back-off 0.1·2^i s), then answered 503
     deployments: dict[str, Any] = field(default_factory=dict)  # {slm|verifier|router|teacher|sessions|ingress: options}
     app_name: str = "r2v"
     block: bool = True  # run_serve waits for Ctrl-C; false: return once the app is up
@@ -303,7 +316,7 @@ class R2VConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
-    bc: TrainConfig = field(default_factory=TrainConfig)
+    bc: BCConfig = field(default_factory=BCConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -445,9 +458,16 @@ def validate(cfg: R2VConfig) -> None:
         rate = getattr(cfg.env.perturbations, name)
         if not 0.0 <= rate <= 1.0:
             raise ConfigError(f"`env.perturbations.{name}` = {rate} must be a probability in [0, 1]")
-    for key, stage in (("bc.zero_stage", cfg.bc), ("dpo.train.zero_stage", cfg.dpo.train)):
+    for key, stage in (("bc", cfg.bc), ("dpo.train", cfg.dpo.train)):
         if stage.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"`{key}` = {stage.zero_stage} must be 0, 1, 2 or 3")
+            raise ConfigError(f"`{key}.zero_stage` = {stage.zero_stage} must be 0, 1, 2 or 3")
+        if stage.lr_schedule not in ("linear", "constant"):
+            raise ConfigError(f"`{key}.lr_schedule` = {stage.lr_schedule!r} must be 'linear' or 'constant'")
+        if not 0 <= stage.warmup_ratio < 1:
+            raise ConfigError(f"`{key}.warmup_ratio` = {stage.warmup_ratio} must be in [0, 1)")
+    if cfg.bc.rank_weight < 0 or cfg.bc.rank_negatives < 1:
+        raise ConfigError(f"`bc.rank_weight` must be >= 0 and `bc.rank_negatives` >= 1, got "
+                          f"{cfg.bc.rank_weight} and {cfg.bc.rank_negatives}")
     if not 0 < cfg.router.alpha <= 1:
         raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
     if not 0 <= cfg.router.budget <= 1:

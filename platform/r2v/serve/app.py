@@ -237,6 +237,25 @@ class Ingress:
         except ValidationError as e:
             raise ApiError(422, _validation_message(e), code="invalid_request") from None
 
+    async def _call(self, deployment: str, method, *args):
+        """Call a sub-deployment. A call whose replica died (killed, node lost, being replaced) is retried with
+        back-off: Serve routes it to a live replica or the replacement. When none answers in time the client
+        gets a 503 naming the deployment, never a 500."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        retries = int(self.s["replica_retries"])
+        for attempt in range(retries + 1):
+            try:
+                return await method.remote(*args)
+            except (RayActorError, ActorUnavailableError) as e:
+                if attempt == retries:
+                    self.counts[f"unavailable_{deployment}"] += 1
+                    raise ApiError(503, f"the {deployment} deployment is unavailable ({type(e).__name__}); "
+                                        f"retry shortly", "server_error", "unavailable",
+                                   headers={"Retry-After": "1"}) from None
+                self.counts[f"retried_{deployment}"] += 1
+                await asyncio.sleep(0.1 * 2 ** attempt)
+
     def _check_history(self, n: int) -> None:
         limit = int(self.s["max_history"])
         if n > limit:
@@ -254,7 +273,7 @@ class Ingress:
         # own, so every admissible action can be verified while the SLM runs: one sequential hop less.
         speculative = mode == "routed" and bool(admissible) and self.s["speculative_verify"]
         pending = self.verifier.score.remote(ctx, admissible) if speculative else None
-        d = await self.slm.act.remote(ctx)
+        d = await self._call("slm", self.slm.act, ctx)
         out: dict[str, Any] = {"risk": None, "threshold": None, "router": None, "escalated": False,
                                "escalation_error": None, "budget_exhausted": False, "teacher_tokens": 0}
         if mode == "routed":
@@ -270,7 +289,7 @@ class Ingress:
                     out["verifier_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             d = propose(d, self.s["select"])
             feats = tracker.features(ctx, d)
-            r = await self.router.decide.remote(features_by_name(feats))
+            r = await self._call("router", self.router.decide, features_by_name(feats))
             out.update(risk=r["risk"], threshold=r["threshold"], router=r["router"])
             if r["escalate"]:
                 if budget_left is not None and budget_left <= 0:
@@ -307,9 +326,10 @@ class Ingress:
     @api.get("/v1/stats")
     async def stats(self, request: Request) -> dict[str, Any]:
         self._auth(request)
-        return {"ingress": dict(self.counts), "slm": await self.slm.stats.remote(),
-                "router": await self.router.info.remote(), "teacher": await self.teacher.kind.remote(),
-                "open_sessions": await self.sessions.count.remote()}
+        return {"ingress": dict(self.counts), "slm": await self._call("slm", self.slm.stats),
+                "router": await self._call("router", self.router.info),
+                "teacher": await self._call("teacher", self.teacher.kind),
+                "open_sessions": await self._call("sessions", self.sessions.count)}
 
     @api.post("/v1/act")
     async def act(self, request: Request) -> dict[str, Any]:
@@ -328,7 +348,8 @@ class Ingress:
         req = await self._body(request, SessionCreate)
         cap = int(self.s["session_budget"])
         budget = cap if req.budget is None else min(int(req.budget), cap)
-        res = await self.sessions.create.remote(req.goal, req.task_id, req.max_steps or self.s["max_steps"], budget)
+        res = await self._call("sessions", self.sessions.create, req.goal, req.task_id,
+                               req.max_steps or self.s["max_steps"], budget)
         return self._unwrap(res)
 
     @api.post("/v1/sessions/{session_id}/step")
@@ -336,7 +357,7 @@ class Ingress:
         from r2v.serve.protocol import SessionStep, make_context
 
         req = await self._body(request, SessionStep)
-        state = self._unwrap(await self.sessions.acquire.remote(session_id))
+        state = self._unwrap(await self._call("sessions", self.sessions.acquire, session_id))
         done = None
         try:
             info = req.info.model_dump()
@@ -362,12 +383,12 @@ class Ingress:
             done = state
             return out
         finally:
-            await self.sessions.release.remote(done, session_id)
+            await self._call("sessions", self.sessions.release, done, session_id)
 
     @api.delete("/v1/sessions/{session_id}")
     async def delete_session(self, session_id: str, request: Request) -> dict[str, Any]:
         self._auth(request)
-        return self._unwrap(await self.sessions.delete.remote(session_id))
+        return self._unwrap(await self._call("sessions", self.sessions.delete, session_id))
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
@@ -489,6 +510,7 @@ def build_app(cfg: R2VConfig, models_dir: str | Path | None = None):
         "max_history": cfg.serve.max_history, "session_budget": cfg.serve.session_budget,
         "env_name": cfg.env.name, "max_steps": cfg.env.max_steps, "select": cfg.policy.select,
         "speculative_verify": cfg.serve.speculative_verify and cfg.policy.mode == "rank",
+        "replica_retries": cfg.serve.replica_retries,
         "router": router.name, "threshold": float(router.threshold), "router_source": source,
         "cost_slm": cfg.router.cost_slm, "cost_llm": cfg.router.cost_llm,
         "cost_per_1k_tokens": cfg.teacher.cost_per_1k_tokens, "created": int(time.time()), "slm_path": path,

@@ -1,7 +1,8 @@
 """`train-bc`: behavioural cloning (SFT) of the SLM on teacher steps, on Ray Train + DeepSpeed ZeRO.
 
 Data: the teacher step shards (`rollouts/teacher`), rows with actor == "teacher" and a non-empty action.
-Split column `train` is trained on, `val` gives the held-out loss each epoch. Each row becomes
+Split column `train` is trained on, `val` gives the held-out loss (and, in rank mode, the held-out ranking
+accuracy over the step's admissible commands) each epoch. Each row becomes
 prompt = `prompt_from_row(row, policy.history_steps)`, completion = `completion(action)` + eos; the prompt
 is cut from the left so the sequence fits `model.max_context_tokens`; the loss (token-mean cross-entropy)
 is on the completion tokens only.
@@ -15,6 +16,7 @@ the returned summary (and in MLflow when a run is active).
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -24,49 +26,97 @@ from r2v.train.common import encode, fit, pad_batch, token_logps
 
 
 class SFTObjective:
-    """Token-mean cross-entropy on completion tokens."""
+    """Token-mean cross-entropy on completion tokens. Examples that carry `negatives` (the other admissible
+    commands of the step) are also scored as a ranking: the share of steps whose teacher action has the
+    highest summed log-prob is reported as `rank_acc` (held-out: `val_rank_acc`, the accuracy a rank-mode
+    policy acts with), and with `bc.rank_weight` > 0 the listwise loss −log softmax(scores)[teacher] is added.
+    SFT alone fits the action's text; the ranking term fits the choice among the commands offered, which is
+    what a rank-mode policy does at every step."""
 
     name = "bc"
 
     def __init__(self, config: dict[str, Any]):
         self.max_tokens = int(config["max_tokens"])
+        self.rank_weight = float(config["train"].get("rank_weight", 0.0))
 
     def encode(self, tokenizer, example: dict[str, Any]) -> dict[str, Any]:
-        return encode(tokenizer, example["prompt"], example["completion"], self.max_tokens)
+        out = encode(tokenizer, example["prompt"], example["completion"], self.max_tokens)
+        out["negatives"] = [encode(tokenizer, example["prompt"], c, self.max_tokens)
+                            for c in example.get("negatives") or []]
+        return out
 
     def prepare(self, ctx) -> None:
         pass
 
-    def _token_nll(self, model, features, ctx):
-        batch = pad_batch(features, ctx.pad_id, ctx.device)
+    def _forward(self, model, features, ctx, with_negatives: bool):
+        """Per-token completion log-probs of the teacher actions (rows 0..n-1), then of every example's
+        negatives in order, from one padded forward pass."""
+        seqs = list(features) + ([g for f in features for g in f["negatives"]] if with_negatives else [])
+        batch = pad_batch(seqs, ctx.pad_id, ctx.device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll = -token_logps(logits, batch["input_ids"]) * batch["loss_mask"]
-        return nll, batch
+        return token_logps(logits, batch["input_ids"]) * batch["loss_mask"], batch
+
+    @staticmethod
+    def _ranking(seq_logps, features):
+        """Per example with negatives: (−log softmax over [teacher, negatives] at the teacher, teacher ranked
+        first). Empty tensors when no example has negatives."""
+        import torch
+
+        n, off, nll, first = len(features), len(features), [], []
+        for i, f in enumerate(features):
+            k = len(f["negatives"])
+            if k:
+                scores = torch.cat([seq_logps[i : i + 1], seq_logps[off : off + k]])
+                nll.append(torch.logsumexp(scores, 0) - scores[0])
+                first.append(scores[1:].max() < scores[0])
+            off += k
+        if not nll:
+            return seq_logps.new_zeros(0), seq_logps.new_zeros(0, dtype=torch.bool)
+        return torch.stack(nll), torch.stack(first)
 
     def loss(self, model, features, ctx):
-        nll, batch = self._token_nll(model, features, ctx)
-        n = batch["loss_mask"].sum()
-        loss = nll.sum() / n.clamp_min(1)
-        stats = {"nll_sum": float(nll.sum().detach()), "target_tokens": float(n),
+        ranked = self.rank_weight > 0
+        tok_lp, batch = self._forward(model, features, ctx, with_negatives=ranked)
+        n = len(features)
+        mask = batch["loss_mask"][:n]
+        nll_sum = -tok_lp[:n].sum()
+        loss = nll_sum / mask.sum().clamp_min(1)
+        stats = {"nll_sum": float(nll_sum.detach()), "target_tokens": float(mask.sum()),
                  "tokens": float(batch["attention_mask"].sum())}
+        if ranked:
+            rank_nll, first = self._ranking(tok_lp.sum(-1), features)
+            if len(rank_nll):
+                loss = loss + self.rank_weight * rank_nll.mean()
+            stats.update(rank_nll_sum=float(rank_nll.detach().sum()), rank_correct=float(first.sum()),
+                         rank_steps=float(len(first)))
         return loss, stats
 
     def eval_stats(self, model, features, weights, ctx) -> dict[str, float]:
         import torch
 
         mbs = int(ctx.config["train"]["per_device_batch_size"])
-        out = {"nll_sum": 0.0, "target_tokens": 0.0}
+        out = {"nll_sum": 0.0, "target_tokens": 0.0, "rank_nll_sum": 0.0, "rank_correct": 0.0, "rank_steps": 0.0}
         with torch.no_grad():
             for i in range(0, len(features), mbs):
-                nll, batch = self._token_nll(model, features[i : i + mbs], ctx)
-                w = torch.tensor(weights[i : i + mbs], device=nll.device, dtype=nll.dtype)[:, None]
-                out["nll_sum"] += float((nll * w).sum())
-                out["target_tokens"] += float((batch["loss_mask"] * w).sum())
+                chunk = features[i : i + mbs]
+                tok_lp, batch = self._forward(model, chunk, ctx, with_negatives=True)
+                n = len(chunk)
+                w = torch.tensor(weights[i : i + mbs], device=tok_lp.device, dtype=tok_lp.dtype)
+                out["nll_sum"] -= float((tok_lp[:n] * w[:, None]).sum())
+                out["target_tokens"] += float((batch["loss_mask"][:n] * w[:, None]).sum())
+                rank_nll, first = self._ranking(tok_lp.sum(-1), chunk)
+                wr = w[[j for j, f in enumerate(chunk) if f["negatives"]]]
+                out["rank_nll_sum"] += float((rank_nll * wr).sum())
+                out["rank_correct"] += float((first.to(wr.dtype) * wr).sum())
+                out["rank_steps"] += float(wr.sum())
         return out
 
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:
         out = {"loss": sums.get("nll_sum", 0.0) / max(1.0, sums.get("target_tokens", 0.0))}
+        if sums.get("rank_steps"):
+            out["rank_loss"] = sums["rank_nll_sum"] / sums["rank_steps"]
+            out["rank_acc"] = sums["rank_correct"] / sums["rank_steps"]
         if "tokens" in sums:
             out["tokens"] = sums["tokens"]
         return out
@@ -82,7 +132,9 @@ def bc_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, An
     files = store.files()
     if not files:
         raise R2VError(f"no teacher step shards under {store.root}: run `r2v collect-teacher` first")
-    table = store.read(["split", "goal", "history", "observation", "action", "actor", "oracle_action"])
+    table = store.read(["split", "goal", "history", "observation", "action", "actor", "oracle_action",
+                        "admissible", "episode_id", "step"])
+    rank_mode = cfg.policy.mode == "rank"
     train, val = [], []
     for row in table.to_pylist():
         # the label is the teacher's choice at this state: the executed action on teacher steps, the
@@ -96,9 +148,14 @@ def bc_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, An
         if not action:
             continue
         ex = {"prompt": prompt_from_row(row, cfg.policy.history_steps), "completion": completion(action)}
+        others = [a for a in dict.fromkeys(row.get("admissible") or []) if a.strip() != action] if rank_mode else []
         if row["split"] == "train":
+            if cfg.bc.rank_weight > 0 and others:  # a fixed random subset per step (reproducible runs)
+                rng = random.Random(f"{cfg.bc.seed}:{row['episode_id']}:{row['step']}")
+                ex["negatives"] = [completion(a) for a in rng.sample(others, min(len(others), cfg.bc.rank_negatives))]
             train.append(ex)
         elif row["split"] == "val":
+            ex["negatives"] = [completion(a) for a in others]  # held-out ranking accuracy over every command
             val.append(ex)
     if not train:
         raise R2VError(f"no teacher steps with split=train and a non-empty action under {store.root}; "

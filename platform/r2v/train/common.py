@@ -292,9 +292,17 @@ def train_worker(config: dict[str, Any]) -> None:
 
     mbs = int(train["per_device_batch_size"])
     ga = int(train["gradient_accumulation_steps"])
+    n_local = len(ctx.train_features)
+    micro_per_epoch = max(1, math.ceil(n_local / mbs))
+    if int(train["max_steps"]) > 0:
+        total_micro = int(train["max_steps"]) * ga
+    else:
+        total_micro = math.ceil(float(train["epochs"]) * micro_per_epoch / ga) * ga
     ds_config = train_ds_config(
         zero_stage=int(train["zero_stage"]), micro_batch_size=mbs, world_size=world, gradient_accumulation_steps=ga,
         learning_rate=float(train["learning_rate"]), bf16=bool(config["bf16"]),
+        total_steps=total_micro // ga if train.get("lr_schedule", "linear") == "linear" else None,
+        warmup_ratio=float(train.get("warmup_ratio", 0.05)),
     )
     model = load_model(config["model_path"], config.get("lora"), seed)
     engine, *_ = deepspeed.initialize(
@@ -302,12 +310,6 @@ def train_worker(config: dict[str, Any]) -> None:
     )
     engine.train()
 
-    n_local = len(ctx.train_features)
-    micro_per_epoch = max(1, math.ceil(n_local / mbs))
-    if int(train["max_steps"]) > 0:
-        total_micro = int(train["max_steps"]) * ga
-    else:
-        total_micro = math.ceil(float(train["epochs"]) * micro_per_epoch / ga) * ga
     save_every = max(1, int(train["save_steps"])) * ga
 
     state: dict[str, Any] = {"micro": 0, "carried": {}, "history": [], "resumed_from_step": None}

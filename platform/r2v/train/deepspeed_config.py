@@ -46,11 +46,15 @@ def train_ds_config(
     bf16: bool = False,
     grad_clip: float = 1.0,
     offload: bool = False,
+    total_steps: int | None = None,
+    warmup_ratio: float = 0.05,
 ) -> dict[str, Any]:
-    """The config `deepspeed.initialize` gets for a trained model (policy)."""
+    """The config `deepspeed.initialize` gets for a trained model (policy). With `total_steps` (optimizer steps)
+    the learning rate warms up linearly over `warmup_ratio` of them and decays linearly to 0 at the end
+    (DeepSpeed WarmupDecayLR, saved in and restored from its checkpoints); without, it is constant."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "train_batch_size": micro_batch_size * gradient_accumulation_steps * world_size,
@@ -67,6 +71,11 @@ def train_ds_config(
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if total_steps:
+        config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": learning_rate, "warmup_type": "linear",
+            "warmup_num_steps": max(1, round(warmup_ratio * total_steps)), "total_num_steps": max(2, total_steps)}}
+    return config
 
 
 def eval_ds_config(*, zero_stage: int, micro_batch_size: int, world_size: int, bf16: bool = False,
