@@ -55,6 +55,7 @@ BENCHES = [
     Bench("serve_latency", "Serving latency and throughput", slow=True,
           quick_args=["--requests", "60", "--throughput-requests", "160", "--load", "400"]),
     Bench("rollout_scaling", "Rollout scaling", slow=True, quick_args=["--games", "2", "--seeds", "2"]),
+    Bench("slm_quality", "SLM quality by training stage (held-out games)", slow=True, quick_args=["--seeds", "2"]),
 ]
 NAMES = [b.name for b in BENCHES]
 
@@ -304,10 +305,23 @@ def render_rollout_scaling(d: dict[str, Any]) -> str:
     return md
 
 
+def render_slm_quality(d: dict[str, Any]) -> str:
+    run = f"`{d.get('config')}`" + (f" (with {' '.join(d['overrides'])})" if d.get("overrides") else "")
+    md = (f"The models of the finished {run} run, "
+          f"each acting alone (its own proposal, no router) on the `{d.get('split')}` games × {d.get('seeds')} "
+          "seeds, clean (perturbations off) and perturbed; success is what the game reports. `random` picks "
+          "uniformly among the admissible commands.\n\n")
+    cell: dict[tuple[str, bool], dict[str, Any]] = {(r["policy"], bool(r["perturbed"])): r for r in d["rows"]}
+    policies = list(dict.fromkeys(r["policy"] for r in d["rows"]))
+    body = [[p, f(cell.get((p, False), {}).get("success")), f(cell.get((p, True), {}).get("success")),
+             cell.get((p, False), cell.get((p, True), {})).get("episodes", "–")] for p in policies]
+    return md + table(["policy", "success, clean", "success, perturbed", "episodes each"], body)
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "quickstart_stages": render_quickstart_stages, "routing_quality": render_routing_quality,
     "train_throughput": render_train_throughput, "serve_latency": render_serve_latency,
-    "rollout_scaling": render_rollout_scaling,
+    "rollout_scaling": render_rollout_scaling, "slm_quality": render_slm_quality,
 }
 
 

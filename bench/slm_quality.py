@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'policy':<10}{'perturbed':>10}{'episodes':>10}{'success':>9}")
     for r in rows:
         print(f"{r['policy']:<10}{str(r['perturbed']):>10}{r['episodes']:>10}{r['success']:>9.3f}")
-    result = {"split": args.split, "seeds": args.seeds, "config": args.config, "rows": rows}
+    result = {"split": args.split, "seeds": args.seeds, "config": args.config, "overrides": args.overrides,
+              "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
