@@ -34,6 +34,8 @@ REFERENCES = ("slm_only", "llm_only", "oracle")
 
 
 def kind_of(name: str) -> str:
+    if "@" in name:  # eval.budgets: the same router with τ set to a budget
+        return kind_of(name.split("@")[0]) + " at a budget"
     if name == "r2v":
         return "R2V"
     if name in HEURISTICS:
@@ -160,8 +162,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "success_ci": [_num(ci[0]), _num(ci[1])], "llm_call_rate": _num(r.get("llm_call_rate")),
                      "episode_call_share": _num(r.get("episode_call_share")), "cost": _num(r.get("cost")),
                      "n_episodes": r.get("n_episodes"), "n_seeds": r.get("n_seeds")})
-    order = {"R2V": 0, "heuristic router": 1, "reference": 2, "oracle (upper bound)": 3, "other": 4}
-    rows.sort(key=lambda x: (order[x["kind"]], x["llm_call_rate"] if math.isfinite(x["llm_call_rate"]) else 9))
+    order = {"R2V": 0, "R2V at a budget": 1, "heuristic router": 2, "heuristic router at a budget": 3,
+             "reference": 4, "oracle (upper bound)": 5}
+    rows.sort(key=lambda x: (order.get(x["kind"], 6), x["llm_call_rate"] if math.isfinite(x["llm_call_rate"]) else 9))
     matched = matched_success(results)
     frontier = frontier_summary(exp / "sweep" / "frontier.parquet")
     result = {"status": "ok", "experiment": args.exp, "results_json": str(res_path), "results_mtime": mtime,

@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
             b = cfg.bc
             b.num_workers, b.zero_stage, b.per_device_batch_size = args.workers, args.zero_stage, args.batch
             b.learning_rate, b.epochs, b.save_steps, b.use_gpu = args.lr, float(args.epochs), 10**9, args.use_gpu
+            b.lr_schedule = "constant"  # the plain loop's optimiser: the same updates, so the final losses compare
             t0 = time.perf_counter()
             summary = run_train_bc(cfg)
             wall = time.perf_counter() - t0

@@ -18,7 +18,7 @@ TINY = [
     "bc.epochs=2", "dpo.train.epochs=1", "dpo.perturbation_seeds=[1,2]",
     "router.fit_split=train", "router.rollout_seeds=[0,1,2,3]", "router.epochs=10",
     "sweep.num_samples=2", "sweep.epochs=3", "sweep.budgets=[0.3]", "eval.perturbation_seeds=[0,1]",
-    "eval.bootstrap_samples=100",
+    "eval.bootstrap_samples=100", "eval.budgets=[0.5]",
 ]
 
 
@@ -40,7 +40,9 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
 
     exp = tmp_path / "e2e"
     results = json.loads((exp / "report" / "results.json").read_text())
-    assert set(results) == set(cfg.eval.methods)
+    budgeted = {"r2v@0.5", "entropy@0.5", "random@0.5"}  # eval.budgets: the same routers at a set budget, live
+    assert set(results) == set(cfg.eval.methods) | budgeted
+    assert 0.2 < results["random@0.5"]["llm_call_rate"] < 0.8
     n_test = len(json.loads((exp / "tasks" / "splits.json").read_text())["splits"]["test"])
     for name, r in results.items():
         assert r["n_episodes"] == n_test * 2 and r["n_seeds"] == 2, name
@@ -60,6 +62,8 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     stage_runs = {r.info.run_name for r in runs if r.data.tags.get("r2v.stage")}
     assert set(STAGE_NAMES) <= stage_runs
+    eval_run = next(r for r in runs if r.data.tags.get("r2v.stage") == "eval")
+    assert eval_run.data.metrics["r2v_0.5_success"] == results["r2v@0.5"]["success"]  # MLflow-safe key
 
     again = run_pipeline(cfg, echo=lambda s: None)
     assert all(r["status"] == "skipped" for r in again)

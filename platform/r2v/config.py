@@ -275,6 +275,9 @@ class EvalConfig:
         ]
     )
     bootstrap_samples: int = 1000
+    # extra live operating points: for each budget B, methods `r2v@B`, `entropy@B` and `random@B` with τ set on
+    # the calibration rows so that B of the steps escalate (the budget-matched frontier)
+    budgets: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -472,6 +475,9 @@ def validate(cfg: R2VConfig) -> None:
         raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
     if not 0 <= cfg.router.budget <= 1:
         raise ConfigError(f"`router.budget` = {cfg.router.budget} must be in [0, 1]")
+    bad = [b for b in cfg.eval.budgets if not 0 <= b <= 1]
+    if bad:
+        raise ConfigError(f"`eval.budgets` = {list(cfg.eval.budgets)}: {bad} not LLM-call rates in [0, 1]")
     if cfg.policy.num_candidates < 1:
         raise ConfigError("`policy.num_candidates` must be at least 1")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,7 +76,9 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if self.enabled:
-            clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+            # MLflow keys allow letters, digits, _ - . / and spaces (a method such as `r2v@0.2` becomes r2v_0.2)
+            clean = {re.sub(r"[^\w\-. /]", "_", k): float(v) for k, v in metrics.items()
+                     if isinstance(v, (int, float)) and v == v}
             self._mlflow.log_metrics(clean, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:

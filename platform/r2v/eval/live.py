@@ -31,6 +31,21 @@ def feature_rows(df) -> list[dict[str, float]]:
     return [features_by_name(list(v)) for v in df["features"]]
 
 
+BUDGETED = ("r2v", "entropy", "random")  # the methods `eval.budgets` re-evaluates at each budget
+
+
+def budget_method(base: str, budget: float) -> str:
+    """The method name of `base` with its threshold set to an LLM-call budget, e.g. `r2v@0.2`."""
+    return f"{base}@{budget:g}"
+
+
+def r2v_router(cfg: R2VConfig):
+    from r2v.router.baselines import make_router
+    from r2v.router.stage import router_dir
+
+    return make_router("r2v", model_dir=str(router_dir(cfg)))
+
+
 def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     """Every method of `eval.methods`, thresholds fixed on validation rows. Returns (routers, notes)."""
     from r2v.router.baselines import load_router, make_router
@@ -41,7 +56,7 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     val_feats, val_eps = feature_rows(val), list(val["episode_id"])
     routers: dict[str, Router] = {}
     notes: dict[str, Any] = {}
-    r2v = make_router("r2v", model_dir=str(router_dir(cfg)))
+    r2v = r2v_router(cfg)
     r2v_rate = float(r2v.rate(r2v.risks(val_feats))) if val_feats else cfg.router.budget
     for name in cfg.eval.methods:
         if name == "r2v":
@@ -58,6 +73,15 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
         notes[name] = {"threshold": float(router.threshold),
                        "val_call_rate": float(router.rate(router.risks(val_feats, val_eps))) if offline else None}
         routers[name] = router
+    for budget in cfg.eval.budgets:  # the budget-matched frontier, live
+        for base in BUDGETED:
+            if base not in cfg.eval.methods:
+                continue
+            router = r2v_router(cfg) if base == "r2v" else make_router(base)
+            _, rate = router.calibrate([] if base == "random" else val_feats, budget, episode_ids=val_eps)
+            name = budget_method(base, budget)
+            notes[name] = {"threshold": float(router.threshold), "val_call_rate": float(rate) if val_feats else None}
+            routers[name] = router
     return routers, notes
 
 

@@ -1,7 +1,8 @@
 """`report`: results.json, a markdown table and two plots from the live evaluation; logged to MLflow.
 
-`frontier.png`: success vs LLM-call rate for every method (95% bootstrap CI bars), measured live. When a
-sweep has run, its validation frontier is drawn too, labelled as a validation estimate.
+`frontier.png`: success vs LLM-call rate for every method (95% bootstrap CI bars), measured live; the methods
+of `eval.budgets` (`r2v@0.2`, `entropy@0.2`, ...) as one line per router. When a sweep has run, its validation
+frontier is drawn too, labelled as a validation estimate.
 `reliability.png`: R2V's predicted risk vs the observed rate on held-out test router rows.
 """
 from __future__ import annotations
@@ -57,11 +58,22 @@ def plot_frontier(results: dict[str, dict[str, Any]], path, sweep_frontier=None)
             f = f[f["pareto"].astype(bool)]
         f = f.sort_values("llm_call_rate")
         ax.plot(f["llm_call_rate"], f["success"], "--", color="0.6", label="R2V sweep (validation estimate)")
+    curves: dict[str, list[tuple[float, float]]] = {}  # `eval.budgets` points (`r2v@0.2`, ...): one line per base
+    colors: dict[str, Any] = {}
     for name, r in results.items():
+        if "@" in name:
+            curves.setdefault(name.split("@")[0], []).append((r["llm_call_rate"], r["success"]))
+            continue
         lo, hi = r["success_ci"]
         err = [[max(0.0, r["success"] - lo)], [max(0.0, hi - r["success"])]]
         style = dict(marker="*", markersize=14, color="crimson") if name == "r2v" else dict(marker="o")
-        ax.errorbar([r["llm_call_rate"]], [r["success"]], yerr=err, capsize=3, label=name, linestyle="", **style)
+        bars = ax.errorbar([r["llm_call_rate"]], [r["success"]], yerr=err, capsize=3, label=name, linestyle="",
+                           **style)
+        colors[name] = bars[0].get_color()
+    for base, pts in curves.items():
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, "-" if base == "r2v" else ":", marker=".", color=colors.get(base), alpha=0.8,
+                label=f"{base}, τ per budget (live)")
     ax.set_xlabel("LLM calls per step (live)")
     ax.set_ylabel("episode success (live, env-reported)")
     ax.set_xlim(-0.02, 1.02)
