@@ -56,6 +56,11 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
         assert (exp / "report" / f).is_file(), f
     for d in ("models/bc", "models/dpo", "models/router"):
         assert (exp / d).is_dir(), d
+    from r2v.router.stage import run_calibrate  # a budget means the same in train-router, calibrate and eval
+
+    router_json = json.loads((exp / "models" / "router" / "router.json").read_text())
+    assert router_json["threshold_info"]["kind"] == "budget"
+    assert run_calibrate(cfg)["threshold"] == pytest.approx(router_json["threshold"])
     assert (exp / "sweep" / "frontier.parquet").is_file()
 
     client = mlflow.MlflowClient(tracking_uri(cfg))

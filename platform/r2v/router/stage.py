@@ -56,24 +56,38 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
     from r2v.eval.metrics import auroc, brier, ece
     from r2v.router.baselines import make_router, save_router
     from r2v.router.model import RiskModel
+    from r2v.router.thresholds import calibrate
 
     df = read_router_rows(cfg)
     train, val = split_data(cfg, df, "fit"), split_data(cfg, df, "calibration")
     model = RiskModel(train.X.shape[1], cfg.router)
     history = model.fit(train, val, cfg.router, seed=cfg.seed)
     out = router_dir(cfg)
-    model.save(out)
     pre = make_router("pre_execution").fit(split_data(cfg, df, "fit", "episode"))
     save_router(pre, out / "pre_execution")
+    if cfg.router.threshold == "budget":
+        # a budget is a share of *all* steps: τ is set on every calibration step, as `r2v calibrate` and the
+        # eval's budgeted methods set it, not only on the branched (labelled) ones, which over-represent the
+        # risky end of failed episodes
+        model.threshold, rate = calibrate(model.predict(step_features(router_part(cfg, df, "calibration"))),
+                                          cfg.router.budget)
+        model.threshold_info = {"kind": "budget", "budget": cfg.router.budget, "tau": float(model.threshold),
+                                "val_rate": float(rate), "calibrated": "every calibration step"}
     p_val = model.predict(val.X)
     summary = {"train_rows": len(train), "val_rows": len(val), "train_positive_rate": float(train.y.mean()),
                "threshold": float(model.threshold), "temperature": float(model.temperature),
                "val_escalation_rate": float(np.mean(p_val >= model.threshold)),
                "val_brier": float(brier(p_val, val.y)), "val_ece": float(ece(p_val, val.y)),
                "epochs": len(history) - 1}
+    model.save(out)
     if 0 < val.y.mean() < 1:
         summary["val_auroc"] = float(auroc(p_val, val.y))
     return summary
+
+
+def step_features(part) -> np.ndarray:
+    """The feature matrix of router rows (every step, labelled or not)."""
+    return np.stack([np.asarray(v, dtype=np.float32) for v in part["features"]])
 
 
 def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = False) -> dict[str, Any]:
@@ -89,8 +103,7 @@ def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = Fal
     model = RiskModel.load(router_dir(cfg))
     df = read_router_rows(cfg)
     parts = {"val": router_part(cfg, df, "calibration"), "test": df[df["split"] == "test"]}
-    feats = {k: np.stack([np.asarray(v, dtype=np.float32) for v in part["features"]])
-             for k, part in parts.items() if len(part)}
+    feats = {k: step_features(part) for k, part in parts.items() if len(part)}
     if "val" not in feats:
         raise R2VError("no calibration router rows: run `r2v collect-router` with val tasks in the split")
     tau, val_rate = calibrate(model.predict(feats["val"]), budget)
