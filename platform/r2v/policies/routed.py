@@ -57,10 +57,10 @@ class RoutedAgent:
         if self.teacher is None or not budget_left or not self.router.escalate(feats):
             return d
         reply = self.teacher.act(ctx, env)
-        self.calls += 1
         d.escalated = True
         d.teacher_tokens = reply.tokens
-        if reply.action:
+        if reply.action:  # only a teacher action spends budget (as in Serve sessions); a failed call does not
+            self.calls += 1
             d.action, d.actor = reply.action, "teacher"
         else:
             d.escalation_error = reply.error or "teacher returned no action"
