@@ -160,7 +160,9 @@ def test_pipeline_job_on_local_head(ray_head):
         f' && python -c "{PROBE}"'
     )
     t0 = time.time()
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(tmp))
+    from r2v.submit import submit_when_ready  # what `r2v submit` does: wait for the head's job agent
+
+    job_id = submit_when_ready(client, entrypoint=entrypoint, runtime_env=_runtime_env(tmp))
     status = None
     while time.time() - t0 < JOB_TIMEOUT_S:
         status = client.get_job_status(job_id)

@@ -36,6 +36,20 @@ def job_entrypoint(stage: str, config_path: str | None, overrides: list[str]) ->
     return " ".join(parts + [f"'{o}'" for o in overrides])
 
 
+def submit_when_ready(client, timeout_s: float = 90.0, **job) -> str:
+    """`client.submit_job(**job)`, retried while a freshly started head answers "No available agent to submit
+    job, please try again later" (its dashboard is up before the job agent registers). Any other error, or the
+    same one past `timeout_s`, is raised."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as e:
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def run_submit(cfg: R2VConfig, config_path: str | None = None, overrides: list[str] | None = None,
                address: str | None = None, stage: str = "run", wait: bool = True) -> dict[str, Any]:
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -49,7 +63,7 @@ def run_submit(cfg: R2VConfig, config_path: str | None = None, overrides: list[s
     env.setdefault("excludes", EXCLUDES)
     env.setdefault("env_vars", {}).setdefault("PYTHONPATH", "platform")
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env)
+    job_id = submit_when_ready(client, entrypoint=entrypoint, runtime_env=env)
     print(f"[submit] job {job_id}: {entrypoint}\n[submit] follow it with: ray job logs -f {job_id} --address {address}")
     if not wait:
         return {"job_id": job_id, "entrypoint": entrypoint}
