@@ -75,8 +75,8 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
         routers[name] = router
     for budget in cfg.eval.budgets:  # the budget-matched frontier, live
         for base in BUDGETED:
-            if base not in cfg.eval.methods:
-                continue
+            if base not in cfg.eval.methods or (base != "random" and not val_feats):
+                continue  # (τ needs calibration steps)
             router = r2v_router(cfg) if base == "r2v" else make_router(base)
             _, rate = router.calibrate([] if base == "random" else val_feats, budget, episode_ids=val_eps)
             name = budget_method(base, budget)

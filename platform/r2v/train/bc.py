@@ -62,7 +62,7 @@ class SFTObjective:
         first). Empty tensors when no example has negatives."""
         import torch
 
-        n, off, nll, first = len(features), len(features), [], []
+        off, nll, first = len(features), [], []  # negatives start after the n teacher rows
         for i, f in enumerate(features):
             k = len(f["negatives"])
             if k:
