@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bench import MISSING_INPUT
+
 OUT_DIR = Path("runs/bench")
-MISSING_INPUT = 3  # exit status of a bench whose input run does not exist (quickstart_stages, routing_quality)
 
 
 @dataclass

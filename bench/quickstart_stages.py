@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-MISSING_INPUT = 3  # exit status when the run to read does not exist (bench.all reports it as such)
+from bench import MISSING_INPUT
+
 HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml)"
 
 # the summary keys worth a glance, per stage (the rest stays in the JSON)

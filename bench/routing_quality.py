@@ -27,7 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-MISSING_INPUT = 3  # exit status when the run to read does not exist (bench.all reports it as such)
+from bench import MISSING_INPUT
+
 HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml; then r2v eval + r2v report)"
 HEURISTICS = ("random", "entropy", "heuristic", "verifier", "pre_execution")
 REFERENCES = ("slm_only", "llm_only", "oracle")

@@ -56,7 +56,7 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
     from r2v.eval.metrics import auroc, brier, ece
     from r2v.router.baselines import make_router, save_router
     from r2v.router.model import RiskModel
-    from r2v.router.thresholds import calibrate
+    from r2v.router.thresholds import apply_step_threshold
 
     df = read_router_rows(cfg)
     train, val = split_data(cfg, df, "fit"), split_data(cfg, df, "calibration")
@@ -65,14 +65,7 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
     out = router_dir(cfg)
     pre = make_router("pre_execution").fit(split_data(cfg, df, "fit", "episode"))
     save_router(pre, out / "pre_execution")
-    if cfg.router.threshold == "budget":
-        # a budget is a share of *all* steps: τ is set on every calibration step, as `r2v calibrate` and the
-        # eval's budgeted methods set it, not only on the branched (labelled) ones, which over-represent the
-        # risky end of failed episodes
-        model.threshold, rate = calibrate(model.predict(step_features(router_part(cfg, df, "calibration"))),
-                                          cfg.router.budget)
-        model.threshold_info = {"kind": "budget", "budget": cfg.router.budget, "tau": float(model.threshold),
-                                "val_rate": float(rate), "calibrated": "every calibration step"}
+    apply_step_threshold(model, model.predict(step_features(router_part(cfg, df, "calibration"))), cfg.router)
     p_val = model.predict(val.X)
     summary = {"train_rows": len(train), "val_rows": len(val), "train_positive_rate": float(train.y.mean()),
                "threshold": float(model.threshold), "temperature": float(model.temperature),
@@ -113,7 +106,9 @@ def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = Fal
         out["test_call_rate"] = float(realised_rate(model.predict(feats["test"]), tau))
         out["test_steps"] = int(len(feats["test"]))
     if write:
-        model.threshold, model.threshold_info = float(tau), {"kind": "budget", "budget": budget, "calibrated": "val"}
+        model.threshold, model.threshold_info = float(tau), {"kind": "budget", "budget": budget, "tau": float(tau),
+                                                             "calibrated_on": "every calibration step",
+                                                             "val_rate": float(val_rate)}
         model.save(router_dir(cfg))
         out["written_to"] = str(router_dir(cfg))
     return out

@@ -126,5 +126,20 @@ def select_threshold(kind: str, *, p_val: Any = None, y_val: Any = None, group_v
     return tau, info
 
 
-__all__ = ["bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
+def apply_step_threshold(model: Any, p_steps: np.ndarray, cfg: Any) -> float:
+    """Set a trained router's τ from its risks on every calibration step (`p_steps`, labelled or not: the steps a
+    live agent sees; fit only sees the labelled ones, which over-represent the risky end of failed episodes).
+    For threshold=budget, τ is re-calibrated there so the step-level LLM-call rate is ≤ budget, as `r2v
+    calibrate` and the eval's budgeted methods set it; bayes and cvar keep fit's τ. Sets model.threshold /
+    threshold_info (with the realised rate on those steps); used by `train-router` and every sweep trial."""
+    if cfg.threshold == "budget":
+        tau = budget_threshold(p_steps, cfg.budget)
+        model.threshold = float(tau)
+        model.threshold_info = {"kind": "budget", "budget": float(cfg.budget), "tau": float(tau),
+                                "calibrated_on": "every calibration step"}
+    model.threshold_info["val_rate"] = float(np.mean(p_steps >= model.threshold)) if len(p_steps) else 0.0
+    return float(model.threshold)
+
+
+__all__ = ["apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
            "select_threshold", "above"]

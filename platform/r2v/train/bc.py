@@ -37,7 +37,7 @@ class SFTObjective:
 
     def __init__(self, config: dict[str, Any]):
         self.max_tokens = int(config["max_tokens"])
-        self.rank_weight = float(config["train"].get("rank_weight", 0.0))
+        self.rank_weight = float(config["train"]["rank_weight"])
 
     def encode(self, tokenizer, example: dict[str, Any]) -> dict[str, Any]:
         out = encode(tokenizer, example["prompt"], example["completion"], self.max_tokens)

@@ -301,8 +301,8 @@ def train_worker(config: dict[str, Any]) -> None:
     ds_config = train_ds_config(
         zero_stage=int(train["zero_stage"]), micro_batch_size=mbs, world_size=world, gradient_accumulation_steps=ga,
         learning_rate=float(train["learning_rate"]), bf16=bool(config["bf16"]),
-        total_steps=total_micro // ga if train.get("lr_schedule", "linear") == "linear" else None,
-        warmup_ratio=float(train.get("warmup_ratio", 0.05)),
+        total_steps=total_micro // ga if train["lr_schedule"] == "linear" else None,
+        warmup_ratio=float(train["warmup_ratio"]),
     )
     model = load_model(config["model_path"], config.get("lora"), seed)
     engine, *_ = deepspeed.initialize(

@@ -26,7 +26,7 @@ import torch
 from r2v.config import RouterConfig
 from r2v.router.model import RiskModel, RiskNet, RouterData, fit_platt, fit_temperature, nll
 from r2v.router.objective import dual_update, multiplier, router_loss
-from r2v.router.thresholds import budget_threshold, select_threshold
+from r2v.router.thresholds import apply_step_threshold, budget_threshold, select_threshold
 from r2v.tune.estimator import ValEpisodes
 
 STATE_FILE = "train_state.pt"
@@ -157,22 +157,10 @@ class EpochTrainer:
 
 
 # ----------------------------------------------------------------------------------------- scoring
-def apply_sweep_threshold(model: RiskModel, p_steps: np.ndarray, cfg: RouterConfig) -> float:
-    """The sweep's τ: for threshold=budget, calibrated on ALL validation steps (the steps a live agent
-    sees; fit only sees the labelled ones), so the validation LLM-call rate is ≤ budget; bayes and cvar keep
-    fit's τ. Sets model.threshold / threshold_info."""
-    if cfg.threshold == "budget":
-        tau = budget_threshold(p_steps, cfg.budget)
-        model.threshold = float(tau)
-        model.threshold_info = {"kind": "budget", "tau": float(tau), "calibrated_on": "all validation steps"}
-    model.threshold_info["val_rate"] = float(np.mean(p_steps >= model.threshold)) if len(p_steps) else 0.0
-    return float(model.threshold)
-
-
 def score(model: RiskModel, cfg: RouterConfig, steps: ValEpisodes, budgets: list[float]) -> dict[str, float]:
     """Validation metrics of a calibrated model (offline estimate, see r2v.tune.estimator)."""
     p = model.predict(steps.X)
-    tau = apply_sweep_threshold(model, p, cfg)
+    tau = apply_step_threshold(model, p, cfg)
     own = steps.estimate_at(p, tau)
     out = {"val_success_offline": own["success"], "val_llm_call_rate": own["llm_call_rate"],
            "val_branch_hit_rate": own["branch_hit_rate"], "tau": tau, "temperature": float(model.temperature)}
@@ -245,4 +233,4 @@ def _claim(marker: str) -> bool:
 
 
 __all__ = ["EpochTrainer", "SweepData", "sweep_trial", "router_config", "overrides", "score",
-           "apply_sweep_threshold", "TRIAL_PARAMS", "STATE_FILE", "MODEL_SUBDIR"]
+           "TRIAL_PARAMS", "STATE_FILE", "MODEL_SUBDIR"]
