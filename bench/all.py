@@ -57,6 +57,8 @@ BENCHES = [
           quick_args=["--requests", "60", "--throughput-requests", "160", "--load", "400"]),
     Bench("rollout_scaling", "Rollout scaling", slow=True, quick_args=["--games", "2", "--seeds", "2"]),
     Bench("slm_quality", "SLM quality by training stage (held-out games)", slow=True, quick_args=["--seeds", "2"]),
+    Bench("router_labels", "Router labels and feature ablation (held-out steps)", reads_run=True),
+    Bench("router_matrix", "Every router at matched live budgets (held-out games)", slow=True, reads_run=True),
 ]
 NAMES = [b.name for b in BENCHES]
 
@@ -240,8 +242,9 @@ def render_routing_quality(d: dict[str, Any]) -> str:
         if c:
             md += (f"- matched cost (≤ R2V's call rate): best heuristic success {f(c['success'])} "
                    f"({c['method']}, {f(c['llm_call_rate'])} calls/step)\n")
-        if m.get("oracle"):
-            md += f"- oracle router: success {f(m['oracle']['success'])} at {f(m['oracle']['llm_call_rate'])} calls/step\n"
+        if m.get("oracle_teacher"):
+            o = m["oracle_teacher"]
+            md += f"- oracle_teacher router: success {f(o['success'])} at {f(o['llm_call_rate'])} calls/step\n"
         md += "\nPoint estimates: compare the CIs above before calling a difference real.\n"
     fr = d.get("sweep_frontier")
     if fr:
@@ -319,10 +322,42 @@ def render_slm_quality(d: dict[str, Any]) -> str:
     return md + table(["policy", "success, clean", "success, perturbed", "episodes each"], body)
 
 
+def render_router_labels(d: dict[str, Any]) -> str:
+    md = (f"The router rows of the finished `{d.get('experiment')}` run: the risk model fitted on the fit rows and "
+          "calibrated on the calibration rows under each label definition, scored on held-out *test* steps against "
+          f"the same label; then, at the run's own label (`{d.get('router_label')}`), logistic regression and the "
+          "MLP without the time features (step, horizon_frac, context lengths).\n\n")
+    body = [[r["label"], r["variant"], r["model"], r["fit_rows"], r["test_rows"], f(r["test_positive_rate"], 2),
+             f(r["auroc"]), f(r["ece"]), f(r["brier"])] for r in d["rows"]]
+    return md + table(["label", "variant", "model", "fit rows", "test rows", "positive", "AUROC", "ECE", "Brier"], body)
+
+
+def render_router_matrix(d: dict[str, Any]) -> str:
+    res, budgets = d["results"], d["budgets"]
+    md = (f"Every router of `{d.get('experiment')}` set, by routed episodes on the calibration games, to each budget of "
+          "live LLM calls per step, then played on the test games: success [95% CI over games] @ realised calls/step."
+          "\n\n")
+    body = []
+    for base in d["routers"]:
+        cells = []
+        for b in budgets:
+            r = res.get(f"{base}@{b:g}")
+            ci = (r or {}).get("success_ci") or [None, None]
+            cells.append(f"{f(r['success'])} [{f(ci[0], 2)}, {f(ci[1], 2)}] @ {f(r['llm_call_rate'])}" if r else "–")
+        body.append([base, *cells])
+    md += table(["router", *[f"B = {b:g}" for b in budgets]], body)
+    md += "\n"
+    body = [[base, f(row.get("auc")), f(row.get("calls_to_target")) if row.get("calls_to_target") is not None
+             else "not reached", f(row.get("p_reached"), 2)] for base, row in d["frontier"].items()]
+    return md + table(["router", "AUC on [0, 0.5]", "calls/step to teacher − 2 pts", "share of resamples reaching it"],
+                      body)
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "quickstart_stages": render_quickstart_stages, "routing_quality": render_routing_quality,
     "train_throughput": render_train_throughput, "serve_latency": render_serve_latency,
     "rollout_scaling": render_rollout_scaling, "slm_quality": render_slm_quality,
+    "router_labels": render_router_labels, "router_matrix": render_router_matrix,
 }
 
 

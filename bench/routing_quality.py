@@ -1,4 +1,4 @@
-"""Routing quality: R2V vs the heuristic routers vs the references (SLM only, LLM only, oracle), live.
+"""Routing quality: R2V vs the heuristic routers vs the references (SLM only, LLM only, oracle_teacher), live.
 
     python -m bench.routing_quality [--exp quickstart --runs-dir runs]
 
@@ -30,8 +30,8 @@ from typing import Any
 from bench import MISSING_INPUT
 
 HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml; then r2v eval + r2v report)"
-HEURISTICS = ("random", "entropy", "heuristic", "verifier", "pre_execution")
-REFERENCES = ("slm_only", "llm_only", "oracle")
+HEURISTICS = ("random", "entropy", "heuristic", "verifier", "pre_execution", "steer")
+REFERENCES = ("slm_only", "llm_only", "oracle_teacher")
 
 
 def kind_of(name: str) -> str:
@@ -41,8 +41,8 @@ def kind_of(name: str) -> str:
         return "R2V"
     if name in HEURISTICS:
         return "heuristic router"
-    if name == "oracle":
-        return "oracle (upper bound)"
+    if name == "oracle_teacher":
+        return "oracle teacher (upper bound)"
     if name in REFERENCES:
         return "reference"
     return "other"
@@ -112,9 +112,9 @@ def matched_success(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                             "llm_call_rate": _num(cheaper[name].get("llm_call_rate"))}
     else:
         out["best_heuristic_at_le_rate"] = None
-    if "oracle" in results:
-        out["oracle"] = {"success": _num(results["oracle"].get("success")),
-                         "llm_call_rate": _num(results["oracle"].get("llm_call_rate"))}
+    if "oracle_teacher" in results:
+        out["oracle_teacher"] = {"success": _num(results["oracle_teacher"].get("success")),
+                                 "llm_call_rate": _num(results["oracle_teacher"].get("llm_call_rate"))}
     return out
 
 
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(note)  # no JSON written: the last good one (if any) stays for bench.all and docs/results.md
         return {"status": "missing", "experiment": args.exp, "note": note}
     results = json.loads(res_path.read_text())
+    results.pop("frontier", None)  # per-router curve summaries, not a method
     import datetime as dt
 
     mtime = dt.datetime.fromtimestamp(res_path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "episode_call_share": _num(r.get("episode_call_share")), "cost": _num(r.get("cost")),
                      "n_episodes": r.get("n_episodes"), "n_seeds": r.get("n_seeds")})
     order = {"R2V": 0, "R2V at a budget": 1, "heuristic router": 2, "heuristic router at a budget": 3,
-             "reference": 4, "oracle (upper bound)": 5}
+             "reference": 4, "oracle teacher (upper bound)": 5}
     rows.sort(key=lambda x: (order.get(x["kind"], 6), x["llm_call_rate"] if math.isfinite(x["llm_call_rate"]) else 9))
     matched = matched_success(results)
     frontier = frontier_summary(exp / "sweep" / "frontier.parquet")

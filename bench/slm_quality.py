@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     from r2v.config import load_config
     from r2v.data import ShardStore
     from r2v.envs.check import check_env
+    from r2v.experiment import Experiment
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
                 setattr(cfg.env.perturbations, fam, 0.0)
         tasks = tasks_by_split(cfg, [args.split])
         for stage in ("init", "bc", "dpo"):
-            model_dir = cfg.experiment_dir / "models" / stage
+            model_dir = Experiment(cfg).model(stage)
             if not (model_dir / "config.json").is_file():
                 print(f"[slm_quality] {model_dir} missing: run `make demo` first; skipped")
                 continue

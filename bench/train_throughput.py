@@ -48,10 +48,10 @@ def plain_loop(model_dir: Path, examples: list[dict], batch: int, epochs: int, l
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from r2v.policies.slm import resolve_device
+    from r2v.config import resolve_device
     from r2v.train.common import encode, pad_batch, token_logps
 
-    device = resolve_device("auto")
+    device = torch.device(resolve_device("auto"))
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).train()
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from r2v.config import R2VConfig, TinyModelConfig
     from r2v.data import ShardStore, shard_key
+    from r2v.experiment import Experiment
     from r2v.policies.init_model import save_tiny_model
     from r2v.train.bc import bc_examples, run_train_bc
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="r2v-bench-train-") as tmp:
         base = R2VConfig(experiment="bench", runs_dir=tmp)
         rows = synthetic_steps(args.rows)
-        ShardStore(base.experiment_dir / "rollouts" / "teacher", "steps").write(shard_key(part=0), rows)
+        ShardStore(Experiment(base).rollouts("teacher"), "steps").write(shard_key(part=0), rows)
         train, _, _ = bc_examples(base)
         model_dir = Path(tmp) / "init"
         arch = TinyModelConfig()  # the quickstart SLM's shape
@@ -135,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)
         for rep in range(args.repeats):
             cfg = R2VConfig(experiment=f"bench{rep}", runs_dir=tmp)  # a fresh run each time (no reuse)
-            (cfg.experiment_dir / "rollouts").mkdir(parents=True, exist_ok=True)
-            os.symlink(base.experiment_dir / "rollouts" / "teacher", cfg.experiment_dir / "rollouts" / "teacher")
+            Experiment(cfg).rollouts_dir.mkdir(parents=True, exist_ok=True)
+            os.symlink(Experiment(base).rollouts("teacher"), Experiment(cfg).rollouts("teacher"))
             cfg.tracking.enabled = False
             cfg.ray.num_cpus = max(2, args.workers)
             cfg.model.path = str(model_dir)

@@ -84,3 +84,74 @@ def test_config_hash_tracks_only_named_sections():
     b = load_config(QUICKSTART, ["router.budget=0.5"])
     assert config_hash(a, "env") == config_hash(b, "env")
     assert config_hash(a, "router") != config_hash(b, "router")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("env.name=textworl", r"`env\.name` = 'textworl'.*did you mean: textworld\?"),
+        ("router.kind=entropi", r"`router\.kind` = 'entropi' is not one of \[.*'r2v'.*\].*did you mean: entropy\?"),
+        ("router.label=brnch", r"`router\.label` = 'brnch'.*did you mean: branch\?"),
+        ("router.threshold=bayse", r"`router\.threshold` = 'bayse'.*did you mean: bayes\?"),
+        ("router.calibration=plat", r"`router\.calibration` = 'plat'.*did you mean: platt\?"),
+        ("policy.select=logprobs", r"`policy\.select` = 'logprobs'.*did you mean: logprob\?"),
+        ("teacher.kind=openia", r"`teacher\.kind` = 'openia'.*did you mean: openai\?"),
+        ("model.dtype=float61", r"`model\.dtype` = 'float61'.*did you mean: float16\?"),
+        ("bc.lr_schedule=linera", r"`bc\.lr_schedule` = 'linera'.*did you mean: linear\?"),
+        ("eval.methods=[r2v,entropi]", r"`eval\.methods\[1\]` = 'entropi'.*did you mean: entropy\?"),
+        ("eval.methods=[r2v@0.2]", r"`eval\.methods\[0\]` = 'r2v@0\.2'.*eval\.budgets"),
+        ("eval.methods=[]", r"`eval\.methods` is empty"),
+        ("sweep.labels=[episod]", r"`sweep\.labels\[0\]` = 'episod'.*did you mean: episode\?"),
+        ("sweep.thresholds=[budget,cvr]", r"`sweep\.thresholds\[1\]` = 'cvr'.*did you mean: cvar\?"),
+        ("serve.router=r2b", r"`serve\.router` = 'r2b'.*did you mean: r2v\?"),
+        ("model.device=cdua", r"`model\.device` = 'cdua' is not a device.*did you mean: cuda\?"),
+        ("router.device=cuda:x", r"`router\.device` = 'cuda:x' is not a device"),
+        ("verifier.device=gpu", r"`verifier\.device` = 'gpu' is not a device: use one of \['auto', 'cpu'"),
+    ],
+)
+def test_enumerated_values_fail_at_load_with_the_closest_valid_one(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(QUICKSTART, [override])
+
+
+def test_valid_device_names_load():
+    cfg = load_config(QUICKSTART, ["model.device=cuda:1", "router.device=cpu", "verifier.device=mps"])
+    assert (cfg.model.device, cfg.router.device, cfg.verifier.device) == ("cuda:1", "cpu", "mps")
+
+
+def test_config_vocabulary_matches_the_router_registries():
+    """config.ROUTER_KINDS / LABELS are what validation accepts; the routers and labels that exist are
+    registered in r2v.router. A router added there but not here would be rejected at load."""
+    from r2v.config import LABELS, ROUTER_KINDS
+    from r2v.router.baselines import ROUTERS
+    from r2v.router.model import LABEL_COLUMNS
+
+    assert set(ROUTER_KINDS) == set(ROUTERS)
+    assert set(LABELS) == set(LABEL_COLUMNS)
+
+
+def test_resolve_device_is_the_one_place_auto_becomes_a_device(monkeypatch):
+    import torch
+
+    from r2v.config import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match=r"`router\.device` = 'cuda:0' but no CUDA device is visible"):
+        resolve_device("cuda:0", "router.device")
+    with pytest.raises(ConfigError, match=r"`model\.device` = 'gpu' is not a device"):
+        resolve_device("gpu", "model.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+    assert resolve_device("cuda:1") == "cuda:1"
+    assert torch.device(resolve_device("auto")).type == "cuda"  # torch.device("auto") itself raises
+
+
+def test_a_pretrained_model_path_with_build_from_config_fails_at_load(tmp_path):
+    ckpt = tmp_path / "Qwen2.5-7B-Instruct"
+    with pytest.raises(ConfigError, match=rf"`model\.path` = {ckpt} but model\.build_from_config=true.*"
+                                          r"set model\.build_from_config=false"):
+        load_config(QUICKSTART, [f"model.path={ckpt}"])
+    cfg = load_config(QUICKSTART, [f"model.path={ckpt}", "model.build_from_config=false"])
+    assert cfg.model.path == str(ckpt)

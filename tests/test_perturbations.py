@@ -89,6 +89,102 @@ def test_same_seed_same_episode_other_seed_other_perturbations():
     assert len(schedules) > 1
 
 
+class ScriptedAgent:
+    """Plays a fixed action list, scoring two candidates with a rule verifier and the router's features, the
+    way the routed agent does: every step's features come from what the agent is shown."""
+
+    name = "scripted"
+
+    def __init__(self, actions):
+        from r2v.router.features import FeatureTracker
+        from r2v.verifier.rules import rule_verifier
+
+        self.actions, self.verifier, self.tracker = list(actions), rule_verifier("terminal"), FeatureTracker()
+
+    def reset(self, task):
+        from r2v.router.features import FeatureTracker
+
+        self.tracker = FeatureTracker()
+
+    def observe(self, action, info):
+        self.tracker.update(action, info)
+
+    def decide(self, ctx, env):
+        from r2v.policies.base import Candidate, Decision
+        from r2v.verifier.base import annotate
+
+        action = self.actions[ctx.step]
+        d = Decision(action, "slm", [Candidate(action, -0.5, -0.25), Candidate("add 2", -1.5, -0.75)], entropy=0.6)
+        annotate(self.verifier, ctx, d)
+        d.features = self.tracker.features(ctx, d)
+        return d
+
+
+class HiddenInfoChanged:
+    """The same env, with every bookkeeping field of `info` contradicted; observations are untouched."""
+
+    def __init__(self, env):
+        self.env, self.name, self.max_steps = env, env.name, env.max_steps
+        self.reset_info = {"perturbations": ["prompt_injection/direct"], "tool_failed": True, "exit_code": 2}
+
+    def reset(self, task, seed=0):
+        return self.env.reset(task, seed)
+
+    def step(self, action):
+        r = self.env.step(action)
+        info = {"tool_failed": not r.info.get("tool_failed"), "perturbations": [], "exit_code": 1,
+                "timed_out": True, "won": not r.success, "truncated": False}
+        return StepResult(r.observation, r.reward, r.done, r.success, info)
+
+    def oracle_action(self):
+        return self.env.oracle_action()
+
+
+def test_features_read_only_what_the_agent_sees():
+    """A stale tool output is flagged in the wrapper's bookkeeping but shows no error: features (and the
+    verifier scores among them) must be the same when every hidden flag says otherwise."""
+    from r2v.rollout.episode import EpisodeMeta, run_episode
+    from r2v.router.features import features_by_name
+
+    actions = ["add 0", "add 1", "add 0", "add 0", "add 1", "add 0", "add 0", "add 0"]
+    cfg = PerturbationConfig(tool_flakiness=1.0, prompt_injection=0.3)
+    task, meta = Task("c-2", "counter"), EpisodeMeta("x", "test", "scripted", 0)
+    for seed in range(30):
+        meta.seed = seed
+        rows = run_episode(wrap_with_perturbations(CounterEnv(), cfg), ScriptedAgent(actions), task, meta, 8)
+        kinds = {p for r in rows for p in r["perturbation"]}
+        if {"tool_flakiness/stale", "tool_flakiness/failure"} <= kinds:
+            break
+    else:
+        pytest.fail("no episode with both a stale and a failed tool call in 30 seeds")
+    changed = run_episode(HiddenInfoChanged(wrap_with_perturbations(CounterEnv(), cfg)), ScriptedAgent(actions),
+                          task, meta, 8)
+    assert [r["observation"] for r in changed] == [r["observation"] for r in rows]
+    assert [r["tool_failed"] for r in changed] != [r["tool_failed"] for r in rows]  # the bookkeeping did differ
+    assert [r["features"] for r in changed] == [r["features"] for r in rows]
+    assert [[c["verifier_score"] for c in r["candidates"]] for r in changed] == \
+        [[c["verifier_score"] for c in r["candidates"]] for r in rows]
+    feats = [features_by_name(r["features"]) for r in rows]
+    # and the features do see what is visible: an error shown after a failed call
+    after_failure = [j for j, r in enumerate(rows) if "tool_flakiness/failure" in r["perturbation"]]
+    assert after_failure and all(feats[j]["recent_tool_error"] == 1 for j in after_failure)
+
+
+def test_stale_output_is_silent_but_flagged_in_bookkeeping():
+    env = wrap_with_perturbations(CounterEnv(), only("tool_flakiness"))
+    for seed in range(40):
+        before = env.reset(Task("c-3", "counter"), seed).text
+        res = env.step("add 1")
+        if res.info["perturbations"] == ["tool_flakiness/stale"]:
+            from r2v.policies.observed import observed_step, shows_tool_error
+
+            assert res.info["tool_failed"] and res.observation.text == before and not shows_tool_error(before)
+            assert observed_step("add 1", res.observation.text, before, None) == {"tool_error": False,
+                                                                                  "repeated": True}
+            return
+    pytest.fail("no stale first step in 40 seeds at rate 1")
+
+
 # ----------------------------------------------------------------------------------------- TextWorld
 @pytest.fixture
 def tw(tw_cfg, tw_tasks):

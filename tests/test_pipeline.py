@@ -1,60 +1,148 @@
-"""Stage graph orchestration: skip completed stages, re-run on config change, --from forces."""
+"""Stage graph with provenance: a stage re-runs when its own config sections or any upstream stage changed,
+`--dry-run` says which and why without running anything, `--from` forces. Markers on disk, no Ray."""
 import json
 
 import pytest
 
 from r2v import pipeline
+from r2v.cli import main
 from r2v.config import load_config
-from r2v.errors import R2VError, StageNotBuilt
+from r2v.errors import R2VError
 
 CALLS: list[str] = []
 
 
-def first(cfg):
-    CALLS.append("first")
-    return {"items": 3}
+def record(cfg):
+    CALLS.append(cfg.experiment)
+    return {"items": 3, "score": 0.5}
 
 
-def second(cfg):
-    CALLS.append("second")
-    return {"score": 0.5}
+def fake_stage(name, reads, upstream=()):
+    return pipeline.Stage(name, f"{__name__}:record", reads, upstream, "test product")
 
 
 @pytest.fixture
 def graph(monkeypatch):
-    CALLS.clear()
+    """first -> second -> third, and first -> side (side does not consume second)."""
     stages = (
-        pipeline.Stage("first", f"{__name__}:first", ("env",), "conf", "a", 0),
-        pipeline.Stage("second", f"{__name__}:second", ("router",), "a", "b", 0),
-        pipeline.Stage("later", None, (), "b", "c", 99),
+        fake_stage("first", ("env",)),
+        fake_stage("second", ("bc",), ("first",)),
+        fake_stage("third", ("router",), ("second",)),
+        fake_stage("side", ("eval",), ("first",)),
     )
     monkeypatch.setattr(pipeline, "STAGES", stages)
     monkeypatch.setattr(pipeline, "STAGE_NAMES", tuple(s.name for s in stages))
+    CALLS.clear()
     return stages
 
 
-def test_rerun_skips_completed_and_config_change_reruns(tmp_path, graph):
-    cfg = load_config(None, [f"runs_dir={tmp_path}", "experiment=p"])
-    rows = pipeline.run_pipeline(cfg, echo=lambda s: None)
-    assert CALLS == ["first", "second"]
-    assert [r["status"] for r in rows] == ["ran", "ran", "not built"]
-    marker = json.loads((tmp_path / "p" / ".stages" / "first.json").read_text())
-    assert marker["summary"] == {"items": 3}
+def cfg_with(tmp_path, *overrides):
+    return load_config(None, [f"runs_dir={tmp_path}", "experiment=p", "tracking.enabled=false", *overrides])
 
+
+def decisions(cfg, **kw):
+    return {d.stage: (d.action, d.reason) for d in pipeline.plan(cfg, **kw)}
+
+
+def test_unchanged_skips_and_own_section_change_reruns_downstream_only(tmp_path, graph):
+    cfg = cfg_with(tmp_path)
+    assert decisions(cfg) == {s: ("run", "no marker (never ran)") for s in ("first", "second", "third", "side")}
+    lines: list[str] = []
+    rows = pipeline.run_pipeline(cfg, echo=lines.append)
+    assert [r["status"] for r in rows] == ["ran"] * 4 and len(CALLS) == 4
+    assert "running (no marker (never ran))" in lines[0] and lines[1].endswith("items=3  score=0.5")
+    marker = json.loads((tmp_path / "p" / ".stages" / "second.json").read_text())
+    assert marker["summary"] == {"items": 3, "score": 0.5} and set(marker["upstream"]) == {"first"}
+
+    assert all(a == "skip" for a, _ in decisions(cfg).values())
     pipeline.run_pipeline(cfg, echo=lambda s: None)
-    assert CALLS == ["first", "second"]  # nothing re-ran
+    assert len(CALLS) == 4  # nothing re-ran
 
-    changed = load_config(None, [f"runs_dir={tmp_path}", "experiment=p", "router.budget=0.9"])
-    pipeline.run_pipeline(changed, echo=lambda s: None)
-    assert CALLS == ["first", "second", "second"]  # only the stage that reads `router`
+    changed = cfg_with(tmp_path, "bc.epochs=7")
+    assert decisions(changed) == {
+        "first": ("skip", "up to date"),
+        "second": ("run", "config section bc changed"),
+        "third": ("run", "upstream second will re-run"),
+        "side": ("skip", "up to date"),  # consumes first only
+    }
+    rows = pipeline.run_pipeline(changed, echo=lambda s: None)
+    assert [r["status"] for r in rows] == ["skipped", "ran", "ran", "skipped"]
+    assert all(a == "skip" for a, _ in decisions(changed).values())
 
-    pipeline.run_pipeline(changed, from_stage="first", echo=lambda s: None)
-    assert CALLS[-2:] == ["first", "second"]  # --from forces it and everything after
+
+def test_upstream_rerun_outside_the_pipeline_invalidates_downstream(tmp_path, graph):
+    cfg = cfg_with(tmp_path)
+    pipeline.run_pipeline(cfg, echo=lambda s: None)
+    pipeline.run_stage(cfg, "second")  # e.g. `r2v train-bc` by hand: same config, new products
+    got = decisions(cfg)
+    assert got["second"] == ("skip", "up to date")
+    assert got["third"] == ("run", "upstream second changed since this stage ran")
+    assert got["first"][0] == got["side"][0] == "skip"
 
 
-def test_unknown_and_unbuilt_stages_are_clear(tmp_path, graph):
-    cfg = load_config(None, [f"runs_dir={tmp_path}"])
-    with pytest.raises(R2VError, match="unknown stage 'nope'.*first, second, later"):
+def test_from_forces_and_until_stops(tmp_path, graph):
+    cfg = cfg_with(tmp_path)
+    pipeline.run_pipeline(cfg, echo=lambda s: None)
+    got = decisions(cfg, from_stage="second")
+    assert got == {"first": ("skip", "up to date"), "second": ("run", "forced by --from"),
+                   "third": ("run", "forced by --from"), "side": ("run", "forced by --from")}
+    assert list(decisions(cfg, until="second")) == ["first", "second"]
+    CALLS.clear()
+    pipeline.run_pipeline(cfg, from_stage="third", until="third", echo=lambda s: None)
+    assert len(CALLS) == 1
+
+
+def test_old_unreadable_and_missing_markers(tmp_path, graph):
+    cfg = cfg_with(tmp_path)
+    pipeline.run_pipeline(cfg, echo=lambda s: None)
+    stages = tmp_path / "p" / ".stages"
+    (stages / "first.json").write_text(json.dumps({"stage": "first", "config_hash": "0123abcd", "wall_s": 1.0}))
+    (stages / "side.json").write_text("{not json")
+    got = decisions(cfg)
+    assert got["first"] == ("run", "marker predates provenance (written by an older r2v)")
+    assert got["second"] == ("run", "upstream first will re-run")
+    assert got["side"][1].startswith("marker unreadable")
+
+
+def test_unknown_stage_is_clear(tmp_path, graph):
+    cfg = cfg_with(tmp_path)
+    with pytest.raises(R2VError, match="unknown stage 'nope'.*first, second, third, side"):
         pipeline.run_stage(cfg, "nope")
-    with pytest.raises(StageNotBuilt, match="issue #99"):
-        pipeline.run_stage(cfg, "later")
+    with pytest.raises(R2VError, match="unknown stage 'nope'"):
+        pipeline.plan(cfg, from_stage="nope")
+
+
+def test_real_graph_is_ordered_and_names_real_stages():
+    seen = set()
+    for stage in pipeline.STAGES:
+        assert set(stage.upstream) <= seen, (stage.name, set(stage.upstream) - seen)  # consumed before produced
+        seen.add(stage.name)
+        assert ":" in stage.target
+
+
+def test_dry_run_on_the_quickstart_graph(tmp_path, monkeypatch, capsys):
+    """The issue's acceptance on the real stage graph and config: after a full run every stage is `skip`;
+    with bc.epochs=3 train-bc and everything downstream of it is `run`, the stages upstream `skip`."""
+    monkeypatch.setattr(pipeline.Stage, "function", lambda self: (lambda cfg: {"stage": self.name}))
+    base = ["--config", "conf/quickstart.yaml", f"runs_dir={tmp_path}", "tracking.enabled=false"]
+    pipeline.run_pipeline(load_config("conf/quickstart.yaml", base[2:]), echo=lambda s: None)
+
+    def dry(*extra):
+        capsys.readouterr()
+        assert main(["run", *base, *extra, "--dry-run", "--json"]) == 0
+        return {d["stage"]: (d["action"], d["reason"]) for d in json.loads(capsys.readouterr().out)}
+
+    assert {a for a, _ in dry().values()} == {"skip"}
+    got = dry("bc.epochs=3")
+    names = list(pipeline.STAGE_NAMES)
+    at = names.index("train-bc")
+    assert all(got[s] == ("skip", "up to date") for s in names[:at])
+    assert got["train-bc"] == ("run", "config section bc changed")
+    assert all(got[s][0] == "run" and got[s][1].startswith("upstream ") for s in names[at + 1:]), got
+    import ray
+
+    assert not ray.is_initialized()  # a dry run starts nothing
+
+    assert main(["run", *base, "--dry-run", "--from", "sweep"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[names.index("sweep")].split()[:2] == ["sweep", "run"] and "forced by --from" in lines[-1]

@@ -41,7 +41,8 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
     exp = tmp_path / "e2e"
     results = json.loads((exp / "report" / "results.json").read_text())
     budgeted = {"r2v@0.5", "entropy@0.5", "random@0.5"}  # eval.budgets: the same routers at a set budget, live
-    assert set(results) == set(cfg.eval.methods) | budgeted
+    frontier = results.pop("frontier")  # per-router summaries of the matched-budget curves
+    assert set(results) == set(cfg.eval.methods) | budgeted and set(frontier) >= {"r2v", "entropy", "random"}
     assert 0.2 < results["random@0.5"]["llm_call_rate"] < 0.8
     n_test = len(json.loads((exp / "tasks" / "splits.json").read_text())["splits"]["test"])
     for name, r in results.items():
@@ -59,8 +60,11 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
     from r2v.router.stage import run_calibrate  # a budget means the same in train-router, calibrate and eval
 
     router_json = json.loads((exp / "models" / "router" / "router.json").read_text())
-    assert router_json["threshold_info"]["kind"] == "budget"
-    assert run_calibrate(cfg)["threshold"] == pytest.approx(router_json["threshold"])
+    info = router_json["threshold_info"]
+    assert info["kind"] == "budget" and 0.0 <= info["live_rate"] <= 1.0 and info["probes"]
+    assert run_calibrate(cfg)["threshold"] == pytest.approx(router_json["threshold"])  # probes are reused
+    for name in budgeted:  # each budgeted method reports its target and the rate its calibration games gave
+        assert results[name]["budget"] == 0.5 and 0.0 <= results[name]["calibration_call_rate"] <= 1.0, name
     assert (exp / "sweep" / "frontier.parquet").is_file()
 
     client = mlflow.MlflowClient(tracking_uri(cfg))

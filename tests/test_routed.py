@@ -100,3 +100,38 @@ def test_branch_labels_follow_outcomes():
     assert rows[(0, 1)]["branch_label"] is None  # not branched: no label, not a guessed one
     assert rows[(1, 0)]["branch_label"] is False  # the SLM succeeded from here
     assert [rows[k]["episode_failed"] for k in sorted(rows)] == [True, True, False]
+    assert rows[(0, 0)]["label_weight"] == 1.0 and rows[(0, 1)]["label_weight"] is None
+
+
+def test_every_episode_is_sampled_and_weighted_and_every_step_gets_a_step_label():
+    """Branch labels sample steps of successful episodes too (label 0, no branch needed), each sampled row
+    standing for len/n steps; the step label (action ≠ the env's reference action) covers every step."""
+    cfg = R2VConfig(experiment="x")
+    cfg.router.branch_steps_per_episode = 2
+    feats = [0.0] * len(FEATURE_NAMES)
+    steps = pd.DataFrame([
+        dict(env="textworld", task_id="t", split="val", episode_id="t/slm/s1", perturbation_seed=1, step=i,
+             features=feats, episode_success=True, action=a, oracle_action=o)
+        for i, (a, o) in enumerate([("go east", "go east"), ("take key", "go west"), ("open box", "open box"),
+                                    ("look", None), ("go north", "go north"), ("eat", "eat")])
+    ])
+    rows = sorted(label_rows(cfg, steps, pd.DataFrame(columns=["task_id", "perturbation_seed", "policy",
+                                                                "episode_id", "episode_success"])),
+                  key=lambda r: r["step"])
+    labelled = [r for r in rows if r["branch_label"] is not None]
+    assert len(labelled) == 2 and all(r["branch_label"] is False for r in labelled)
+    assert all(r["label_weight"] == 3.0 for r in labelled)  # 6 steps, 2 sampled
+    assert [r["step_label"] for r in rows] == [False, True, False, None, False, False]
+
+
+def test_route_scores_once_and_decides_on_that_score():
+    """The recorded risk is the one that decided: a random router drawn twice would disagree with itself."""
+    from r2v.policies.routed import route
+
+    router = make_router("random", budget=0.5, seed=3)
+    feats = dict.fromkeys(FEATURE_NAMES, 0.0)
+    verdicts = [route(router, feats) for _ in range(200)]
+    assert all(v.escalate == (v.risk >= 0.5) for v in verdicts)
+    assert 60 < sum(v.escalate for v in verdicts) < 140
+    strict = make_router("entropy", threshold=1.0)
+    assert not route(strict, {**feats, "entropy": 1.0}).escalate and route(strict, {**feats, "entropy": 1.01}).escalate

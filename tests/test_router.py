@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -14,9 +15,12 @@ from r2v.envs.base import Observation, Task
 from r2v.errors import R2VError
 from r2v.eval.metrics import auroc, ece
 from r2v.policies.base import Candidate, Decision, StepContext
-from r2v.router.baselines import ORACLE_KEY, ROUTERS, PreExecutionRouter, make_router, rows_from_matrix
-from r2v.router.features import FEATURE_INDEX, FEATURE_NAMES, FEATURE_VERSION, FeatureTracker, features_by_name
-from r2v.router.model import RiskModel, RouterData, fit_temperature, nll
+from r2v.router.baselines import (ORACLE_KEY, ROUTERS, PreExecutionRouter, fit_gmm2, load_router, make_router,
+                                  rows_from_matrix, save_router)
+from r2v.router.features import (FEATURE_INDEX, FEATURE_NAMES, FEATURE_VERSION, FeatureTracker, check_feature_rows,
+                                 features_by_name)
+from r2v.router.model import (LogisticRiskModel, RiskModel, RiskNet, RouterData, batch_size,
+                             fit_temperature, nll)
 from r2v.router.objective import (cvar, dual_update, multiplier, per_group_residual_failure, router_loss,
                                   tail_count)
 from r2v.router.thresholds import (bayes_threshold, budget_threshold, calibrate, cvar_threshold, realised_cvar,
@@ -60,6 +64,23 @@ def test_dual_ascent_raises_then_lowers_lambda():
         assert multiplier(rho) >= 0
     assert multiplier(rho) < 1e-6  # satisfied → λ decays to (numerically) 0 and stays there
     assert dual_update(rho, -1.0, 0.5) == rho  # projected: held at the floor
+
+
+def test_weights_count_rows_in_every_term():
+    """A row of weight 2 counts as that row twice: in the cost, the per-seed residual failure and Brier."""
+    p = torch.tensor([0.9, 0.1, 0.5, 0.2])
+    y = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    g = torch.tensor([7, 7, 3, 3])
+    w = torch.tensor([1.0, 2.0, 1.0, 3.0])
+    r = per_group_residual_failure(p, y, g, w)
+    assert r.tolist() == pytest.approx([(0 + 3 * 0.8) / 4, (0.1 + 2 * 0.9) / 3])
+    rep = torch.tensor([0, 1, 1, 2, 3, 3, 3])  # the same rows, duplicated by their weights
+    kw = dict(alpha=0.5, epsilon=0.1, cost_llm=1.0, cost_slm=0.05, brier_weight=1.0)
+    _, weighted = router_loss(p, y, g, 2.0, weight=w, **kw)
+    _, duplicated = router_loss(p[rep], y[rep], g[rep], 2.0, **kw)
+    assert weighted == pytest.approx(duplicated)
+    _, plain = router_loss(p, y, g, 2.0, **kw)
+    assert plain["cvar"] != pytest.approx(weighted["cvar"])
 
 
 # ----------------------------------------------------------------------------------------- thresholds
@@ -133,6 +154,9 @@ def _decision(action="go north", lps=(-1.0, -3.0, -4.0), vs=(0.9, 0.2, None), en
     return Decision(action=action, actor="slm", candidates=cands, entropy=entropy)
 
 
+ERR = "Error: the tool call failed (connection reset by peer). The command was not run."
+
+
 def test_feature_tracker_values_and_dynamics():
     tr = FeatureTracker()
     f0 = features_by_name(tr.features(_ctx(), _decision()))
@@ -143,25 +167,72 @@ def test_feature_tracker_values_and_dynamics():
     assert f0["verifier_spread"] == pytest.approx(0.7)
     assert f0["candidate_agreement"] == pytest.approx(1 / 3)
     assert f0["verifier_policy_agree"] == 1.0
-    assert f0["repeated_action_count"] == 0 and f0["recent_tool_failure"] == 0 and f0["verifier_trend"] == 0
-    tr.update("go north", {"tool_failed": True, "truncated": False, "perturbations": []})
+    assert f0["repeated_action_count"] == 0 and f0["recent_tool_error"] == 0 and f0["verifier_trend"] == 0
+    tr.update("go north", {"tool_failed": False})  # what the env's info says is never read
 
-    ctx1 = _ctx(step=1, history=[("go north", "A hall.")], truncated=True)
+    hist = [("go north", ERR)]
+    ctx1 = _ctx(step=1, history=hist, obs=ERR, truncated=True)
     f1 = features_by_name(tr.features(ctx1, _decision(vs=(0.5, 0.2, 0.1))))
     assert f1["repeated_action_count"] == 1
-    assert f1["recent_tool_failure"] == 1 and f1["observation_truncated"] == 1
+    assert f1["recent_tool_error"] == 1 and f1["observation_truncated"] == 1  # the error is in the text
     assert f1["verifier_trend"] == pytest.approx(0.5 - 0.9)
     assert f1["horizon_frac"] == pytest.approx(0.1)
     assert f1["context_chars_log1p"] > f0["context_chars_log1p"]
-    tr.update("go north", {"tool_failed": False})
+    tr.update("go north", {"tool_failed": True})
 
-    f2 = features_by_name(tr.features(_ctx(step=2), _decision()))
+    hist.append(("go north", "A hall."))
+    f2 = features_by_name(tr.features(_ctx(step=2, history=hist, obs="A hall."), _decision()))
     assert f2["repeated_action_count"] == 2
-    assert f2["recent_tool_failure"] == 1  # the failure two steps back still counts
+    assert f2["recent_tool_error"] == 1  # the error two steps back still counts
     assert f2["verifier_trend"] == pytest.approx(0.9 - (0.9 + 0.5) / 2)
-    tr.update("open door", {"tool_failed": False})
-    f3 = features_by_name(tr.features(_ctx(step=3), _decision()))
-    assert f3["recent_tool_failure"] == 0  # three steps back: forgotten
+    assert f2["observation_repeated"] == 0
+    tr.update("open door", {"tool_failed": True})
+    hist.append(("open door", "A hall."))  # a different action, the same text: what a stale output looks like
+    f3 = features_by_name(tr.features(_ctx(step=3, history=hist, obs="A hall."), _decision()))
+    assert f3["recent_tool_error"] == 0  # three steps back: forgotten
+    assert f3["observation_repeated"] == 1
+    hist.append(("open door", "A hall."))  # the same action again: the same text is expected
+    f4 = features_by_name(tr.features(_ctx(step=4, history=hist, obs="A hall."), _decision()))
+    assert f4["observation_repeated"] == 0
+
+
+def test_features_ignore_the_envs_hidden_info():
+    """Same texts and actions, contradicting bookkeeping (tool_failed, exit code, perturbations): same features."""
+    def run(info):
+        tr, hist, out = FeatureTracker(), [], []
+        for step, (action, text) in enumerate([("look", "You are in a kitchen."), ("go north", "A hall."),
+                                               ("open door", "A hall."), ("go east", ERR)]):
+            out.append(tr.features(_ctx(step=step, history=list(hist), obs=hist[-1][1] if hist else "Start.",
+                                        last_info=dict(info)), _decision(action)))
+            tr.update(action, dict(info))
+            hist.append((action, text))
+        return out
+
+    shown = run({})
+    assert shown == run({"tool_failed": True, "exit_code": 1, "timed_out": True, "perturbations": ["x/y"]})
+    assert shown == run({"tool_failed": False, "exit_code": 0, "perturbations": []})
+
+
+def test_decision_features_describe_the_proposal():
+    texts, lps, vs = ["go north", "take key", "go south"], [-1.0, -2.0, -4.0], [0.4, 0.9, 0.2]
+    cands = [Candidate(t, lp, lp, v) for t, lp, v in zip(texts, lps, vs)]
+    z = sum(math.exp(x) for x in lps)
+    # the SLM's most likely action is proposed, the verifier prefers another
+    f = features_by_name(FeatureTracker().features(_ctx(), Decision("go north", "slm", list(cands))))
+    assert f["verifier_proposal"] == pytest.approx(0.4) and f["verifier_proposal_gap"] == pytest.approx(0.5)
+    assert f["proposal_prob"] == pytest.approx(math.exp(-1.0) / z)
+    assert f["proposal_logprob_margin"] == pytest.approx(1.0)
+    # the verifier's pick is proposed (policy.select=verifier): no gap, and the SLM preferred another action
+    f = features_by_name(FeatureTracker().features(_ctx(), Decision("take key", "slm", [cands[1], cands[0], cands[2]])))
+    assert f["verifier_proposal"] == pytest.approx(0.9) and f["verifier_proposal_gap"] == 0.0
+    assert f["proposal_prob"] == pytest.approx(math.exp(-2.0) / z)
+    assert f["proposal_logprob_margin"] == pytest.approx(-1.0)
+    # sampled duplicates of the proposal add up; its rivals are the other texts only
+    dup = [Candidate("go north", -1.0, -1.0, 0.4), Candidate("Go  North", -1.5, -1.5, 0.4), cands[1]]
+    f = features_by_name(FeatureTracker().features(_ctx(), Decision("go north", "slm", dup)))
+    assert f["proposal_prob"] == pytest.approx((math.exp(-1.0) + math.exp(-1.5)) / (math.exp(-1.0) + math.exp(-1.5)
+                                                                                      + math.exp(-2.0)))
+    assert f["proposal_logprob_margin"] == pytest.approx(1.0)
 
 
 def test_features_single_candidate_and_missing_entropy():
@@ -169,8 +240,17 @@ def test_features_single_candidate_and_missing_entropy():
     f = features_by_name(FeatureTracker().features(_ctx(), d))
     assert f["logprob_margin"] == 0.0 and f["entropy"] == 0.0 and f["top_prob"] == 1.0
     assert all(math.isfinite(v) for v in f.values())
-    with pytest.raises(R2VError, match="feature spec|defines"):
-        features_by_name([0.0, 1.0])
+    with pytest.raises(R2VError, match="collect-router"):
+        features_by_name([0.0] * 24)  # a row of r2v-features@1
+
+
+def test_old_router_rows_are_refused_with_the_fix():
+    pd = pytest.importorskip("pandas")
+    ok = pd.DataFrame({"features": [[0.0] * len(FEATURE_NAMES)], "feature_spec": [FEATURE_VERSION]})
+    check_feature_rows(ok)
+    for features, spec in (([0.0] * 24, "r2v-features@1"), ([0.0] * 24, FEATURE_VERSION)):
+        with pytest.raises(R2VError, match="collect-router"):
+            check_feature_rows(pd.DataFrame({"features": [features], "feature_spec": [spec]}))
 
 
 # ----------------------------------------------------------------------------------------- risk model
@@ -182,7 +262,7 @@ def _synthetic(n, seed):
     margin = rng.exponential(1.0, n)
     tool = (rng.random(n) < 0.1 + 0.04 * g).astype(np.float32)
     X[:, FEATURE_INDEX["logprob_margin"]] = margin
-    X[:, FEATURE_INDEX["recent_tool_failure"]] = tool
+    X[:, FEATURE_INDEX["recent_tool_error"]] = tool
     y = (rng.random(n) < 1 / (1 + np.exp(3.0 * margin - 2.5 * tool - 0.5))).astype(np.float32)
     return RouterData(X, y, g, np.arange(n) // 10, np.arange(n) % 10)
 
@@ -238,7 +318,7 @@ def test_feature_spec_mismatch_raises(trained, tmp_path):
     meta = json.loads((tmp_path / "router.json").read_text())
     meta["feature_spec"] = "r2v-features@0"
     (tmp_path / "router.json").write_text(json.dumps(meta))
-    with pytest.raises(R2VError, match=r"r2v-features@0.*r2v-features@1"):
+    with pytest.raises(R2VError, match=r"r2v-features@0.*" + re.escape(FEATURE_VERSION)):
         RiskModel.load(tmp_path)
     with pytest.raises(R2VError, match="not a router checkpoint"):
         RiskModel.load(tmp_path / "missing")
@@ -262,6 +342,91 @@ def test_router_data_validation():
     assert len(RouterData.from_frame(df, "branch")) == 1  # only branched rows carry a branch label
 
 
+def test_batches_sized_to_the_data():
+    assert batch_size(242, 256) == 31 and math.ceil(242 / batch_size(242, 256)) == 8  # was 1 step per epoch
+    assert batch_size(3000, 256) == 256  # router.batch_size caps it
+    assert batch_size(60, 256) == 16 and batch_size(10, 256) == 10 and batch_size(242, 8) == 8
+
+
+def _history_run(epsilon, epochs=6):
+    cfg = RouterConfig(epochs=epochs, device="cpu", epsilon=epsilon, dual_lr=0.5, hidden_sizes=[16])
+    model = RiskModel(cfg=cfg)
+    return model, model.fit(_synthetic(242, 0), _synthetic(200, 1), cfg, seed=0)
+
+
+def test_fit_takes_many_steps_and_records_the_dual():
+    model, history = _history_run(epsilon=0.0)  # CVaR ≤ 0 cannot hold while any failure is left: it binds
+    epochs, summary = history[:-1], history[-1]
+    assert summary["batch_size"] == 31 and summary["optimiser_steps"] == 6 * 8 == epochs[-1]["steps"]
+    for h in epochs:
+        assert {"lambda_end", "train_lambda", "fit_cvar", "cal_cvar", "violation", "train_brier", "val_brier",
+                "train_loss"} <= set(h)
+    lams = [h["lambda_end"] for h in epochs]
+    assert all(b > a for a, b in zip(lams, lams[1:])) and lams[0] > multiplier(0.0)  # violated: λ rises
+    assert summary["epochs_constraint_violated"] == 6
+    assert epochs[0]["fit_cvar"] <= summary["fit_cvar_unrouted"] + 1e-9  # routing only removes failure
+    assert epochs[0]["cal_cvar"] <= summary["cal_cvar_unrouted"] + 1e-9
+    loose_model, loose = _history_run(epsilon=1.0)  # never violated: λ decays, the constraint does nothing
+    assert loose[-1]["epochs_constraint_violated"] == 0
+    assert all(b < a for a, b in zip([h["lambda_end"] for h in loose[:-1]], [h["lambda_end"] for h in loose[1:-1]]))
+    assert epochs[-1]["cal_cvar"] < loose[-2]["cal_cvar"]  # the binding constraint escalates more failures
+
+
+def test_logistic_baseline_router(tmp_path):
+    cfg = RouterConfig(epochs=30, device="cpu")
+    model = LogisticRiskModel(cfg=cfg)
+    assert model.architecture == "logistic" and RiskModel(cfg=cfg).architecture == "mlp-128x64"
+    assert [type(m) for m in model.net.modules()] == [RiskNet, torch.nn.Sequential, torch.nn.Linear]
+    history = model.fit(_synthetic(1500, 0), _synthetic(1000, 1), cfg, seed=0)
+    test = _synthetic(2000, 2)
+    assert auroc(model.predict(test.X), test.y) > 0.8 and history[-1]["architecture"] == "logistic"
+    model.save(tmp_path)
+    loaded = RiskModel.load(tmp_path, device="cpu")
+    assert loaded.architecture == "logistic"
+    np.testing.assert_array_equal(loaded.predict(test.X), model.predict(test.X))
+
+
+def test_router_data_labels_and_weights():
+    from r2v.config import LABELS
+    from r2v.router.model import LABEL_COLUMNS
+
+    assert set(LABEL_COLUMNS) == set(LABELS)  # every label router.label accepts has a column, and no other
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"features": [[0.0] * 3, [1.0] * 3, [2.0] * 3], "episode_failed": [True, True, False],
+                       "branch_label": [None, True, False], "step_label": [True, None, False],
+                       "label_weight": [None, 4.0, 2.5], "perturbation_seed": [0, 1, 1],
+                       "episode_id": ["e1", "e2", "e3"], "step": [0, 0, 1]})
+    step = RouterData.from_frame(df, "step")
+    assert step.y.tolist() == [1.0, 0.0] and step.weight.tolist() == [1.0, 1.0]  # null step labels dropped
+    branch = RouterData.from_frame(df, "branch")
+    assert branch.y.tolist() == [1.0, 0.0] and branch.weight.tolist() == [4.0, 2.5]
+    assert branch.subset(np.array([False, True])).weight.tolist() == [2.5]
+    assert RouterData.from_frame(df, "episode").weight.tolist() == [1.0] * 3  # every step: unweighted
+    assert RouterData.from_frame(df.drop(columns="label_weight"), "branch").weight.tolist() == [1.0, 1.0]
+    with pytest.raises(R2VError, match="label_weight"):
+        RouterData.from_frame(df.assign(label_weight=[None, None, 2.5]), "branch")
+    with pytest.raises(R2VError, match="step_label"):
+        RouterData.from_frame(df.drop(columns="step_label"), "step")
+    with pytest.raises(R2VError, match="not one of"):
+        RouterData.from_frame(df, "episodes")
+    with pytest.raises(R2VError, match="weights"):
+        RouterData(np.zeros((2, 3)), [0, 1], [0, 0], ["a", "b"], weight=[1.0, -1.0])
+
+
+def test_log_history_logs_one_series_per_metric():
+    from types import SimpleNamespace
+
+    from r2v.tracking import Tracker
+
+    calls = []
+    tracker = Tracker.__new__(Tracker)  # no MLflow store: record what would be logged
+    tracker.enabled, tracker._mlflow = True, SimpleNamespace(log_metrics=lambda m, step=None: calls.append((step, m)))
+    tracker.log_history([{"epoch": 0, "lambda_end": 0.7, "violation": 0.1},
+                         {"epoch": 1, "lambda_end": 0.9, "violation": -0.2}, {"best_epoch": 1}])
+    assert calls == [(0, {"router/lambda_end": 0.7, "router/violation": 0.1}),
+                     (1, {"router/lambda_end": 0.9, "router/violation": -0.2})]
+
+
 # ----------------------------------------------------------------------------------------- baselines
 def _feat(**kw):
     f = dict.fromkeys(FEATURE_NAMES, 0.0)
@@ -272,14 +437,15 @@ def _feat(**kw):
 
 def test_registry_and_fixed_routers():
     assert set(ROUTERS) == {"r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier",
-                            "pre_execution", "oracle"}
+                            "pre_execution", "steer", "oracle_teacher"}
     with pytest.raises(R2VError, match="unknown router"):
         make_router("nope")
     with pytest.raises(R2VError, match="bad arguments"):
         make_router("entropy", threshhold=1.0)
     assert not make_router("slm_only").escalate(_feat(entropy=9.0))
     assert make_router("llm_only").escalate(_feat())
-    oracle = make_router("oracle")
+    oracle = make_router("oracle_teacher")
+    assert oracle.needs_oracle_action and not make_router("entropy").needs_oracle_action
     assert oracle.escalate(_feat(**{ORACLE_KEY: 1.0})) and not oracle.escalate(_feat(**{ORACLE_KEY: 0.0}))
     with pytest.raises(R2VError, match=ORACLE_KEY):
         oracle.escalate(_feat())
@@ -353,3 +519,36 @@ def test_pre_execution_router_escalates_whole_episodes():
     assert rate <= 0.3 and rate * n_ep == pytest.approx(round(rate * n_ep))  # whole episodes only
     clone = make_router("pre_execution", **json.loads(json.dumps(r.config())))
     np.testing.assert_allclose(clone.risks(rows, ep), r.risks(rows, ep))
+
+
+def test_steer_em_recovers_components_and_risk_falls_with_confidence(tmp_path):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0.2, 0.05, 300), rng.normal(0.8, 0.05, 700)])
+    means, std, weights = fit_gmm2(rng.permutation(x))
+    assert means == pytest.approx([0.2, 0.8], abs=0.01) and std == pytest.approx(0.05, abs=0.005)
+    assert weights == pytest.approx([0.3, 0.7], abs=0.02)
+
+    rows = [_feat(proposal_prob=float(v)) for v in x]
+    steer = make_router("steer")
+    with pytest.raises(R2VError, match="not fitted"):
+        steer.risk(rows[0])
+    assert steer.prepare(rows) is steer  # EM on the confidences alone: no labels anywhere
+    assert make_router("entropy").prepare(rows).threshold == 1.0  # the others need nothing
+    grid = [_feat(proposal_prob=float(g)) for g in np.linspace(-0.5, 1.5, 401)]
+    risk, post = steer.risks(grid), steer.posterior(grid)
+    assert np.all(np.diff(risk) < 0) and np.all(np.diff(post) <= 0)  # strictly: budgets can rank every step
+    assert post[0] > 0.999 and post[-1] < 1e-3
+    assert steer.escalate(_feat(proposal_prob=0.25)) and not steer.escalate(_feat(proposal_prob=0.75))
+    r0, r1 = steer.risk(_feat(proposal_prob=0.0)), steer.risk(_feat(proposal_prob=1.0))  # log-odds: linear
+    assert 0.3 < -r0 / (r1 - r0) < 0.7  # posterior 0.5 falls between the two components
+
+    tau, rate = steer.calibrate(rows, 0.2)  # budgeted like every thresholded router
+    assert 0.2 - 1 / len(rows) <= rate <= 0.2
+    clone = load_router(save_router(steer, tmp_path))
+    np.testing.assert_allclose(clone.risks(rows), steer.risks(rows))
+    assert clone.threshold == tau and clone.confidence == "proposal_prob"
+    margin = make_router("steer", confidence="proposal_logprob_margin").fit(
+        [_feat(proposal_logprob_margin=float(v)) for v in 5 * x])
+    assert margin.risk(_feat(proposal_logprob_margin=0.0)) > 0.99
+    with pytest.raises(R2VError, match="not a feature"):
+        make_router("steer", confidence="vibes")

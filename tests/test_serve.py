@@ -114,7 +114,7 @@ def app(models_dir, tmp_path_factory):
     mp.undo()
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as client:
-        yield {"client": client, "base": base, "llm": llm}
+        yield {"client": client, "base": base, "llm": llm, "port": port}
     serve.shutdown()
     ray.shutdown()
     llm.server.shutdown()
@@ -181,7 +181,7 @@ def test_teacher_5xx_degrades_to_the_slm_action(client, app):
     r = client.post("/v1/act", json=act_body())
     assert r.status_code == 200, r.text
     out = r.json()
-    assert out["escalated"] is False and out["actor"] == "slm"
+    assert out["escalated"] is True and out["actor"] == "slm" and out["llm_call"] is False  # called, failed
     assert "HTTP 503" in out["escalation_error"]
     assert out["action"] == out["candidates"][0]["text"]
     stats = client.get("/v1/stats").json()
@@ -209,7 +209,8 @@ def test_session_budget_cost_and_lifecycle(client, app):
     sid2 = client.post("/v1/sessions", json={"goal": GOAL}).json()["session_id"]
     app["llm"].mode = "500"
     o = client.post(f"/v1/sessions/{sid2}/step", json={"observation": "Room.", "admissible": ADMISSIBLE}).json()
-    assert o["escalated"] is False and "HTTP 503" in o["escalation_error"] and o["session"]["budget_left"] == 2
+    assert o["escalated"] is True and o["actor"] == "slm" and "HTTP 503" in o["escalation_error"]
+    assert o["session"]["budget_left"] == 2 and o["session"]["cost"] == pytest.approx(0.05)
     app["llm"].mode = "ok"
     d = client.delete(f"/v1/sessions/{sid}")
     assert d.status_code == 200 and d.json()["deleted"] is True and d.json()["llm_calls"] == 2
@@ -331,7 +332,7 @@ def test_router_threshold_and_deployment_config(models_dir, tmp_path):
     (tmp_path / "bad.yaml").write_text("budget: 0.2\n")
     with pytest.raises(ConfigError, match="no numeric"):
         read_threshold_file(tmp_path / "bad.yaml")
-    cfg.serve.router = "oracle"
+    cfg.serve.router = "oracle_teacher"
     with pytest.raises(ConfigError, match="cannot be served"):
         load_serving_router(cfg, models_dir)
     cfg = load_config(None, ["serve.num_cpus_per_replica=0.25", "serve.deployments.slm.num_replicas=2",
@@ -397,3 +398,132 @@ def test_r2v_checkpoint_and_sweep_result_are_served(models_dir, tmp_path):
     cfg.serve.router = "entropy"
     with pytest.raises(ConfigError, match="sweep result"):
         load_serving_router(cfg, md)
+
+
+def test_replica_cpus_are_sized_from_the_cluster():
+    """serve.num_cpus_per_replica unset: six 1-CPU replicas never schedule on 2 cores, so they share them."""
+    from r2v.serve.app import DEPLOYMENTS, deployment_options
+
+    def cpus(overrides, resources):
+        opts = deployment_options(load_config(None, overrides), resources)
+        return {n: opts[n]["ray_actor_options"]["num_cpus"] for n in DEPLOYMENTS}
+
+    assert load_config(None, []).serve.num_cpus_per_replica is None
+    assert set(cpus([], {"CPU": 2.0}).values()) == {0.33}
+    assert set(cpus([], {"CPU": 64.0}).values()) == {1.0}
+    pinned = cpus(["serve.deployments.slm.ray_actor_options.num_cpus=1"], {"CPU": 2.0})
+    assert pinned.pop("slm") == 1 and set(pinned.values()) == {0.2}  # the other five share what is left
+    scaled = cpus(["serve.deployments.ingress.autoscaling_config.max_replicas=5"], {"CPU": 2.0})
+    assert set(scaled.values()) == {0.2}  # room for every autoscaled replica: 10 in all
+    assert set(cpus(["serve.num_cpus_per_replica=0.5"], {"CPU": 2.0}).values()) == {0.5}
+    gpu = deployment_options(load_config(None, []), {"CPU": 8.0, "GPU": 1.0})
+    assert gpu["slm"]["ray_actor_options"]["num_gpus"] == 1 and "num_gpus" not in gpu["router"]["ray_actor_options"]
+
+
+# ----------------------------------------------------------------------------------------- the README's command
+def test_readme_serve_command_answers_and_stops_on_sigterm(tmp_path):
+    """`r2v serve --config conf/quickstart.yaml` exactly as the README has it, pointed only at this test's run
+    dir and a free port: the preset's `auto` router device and Serve's replica sizing must work on this
+    machine. The served router is a real r2v checkpoint; SIGTERM (or Ctrl-C) shuts Serve and Ray down."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    openai = pytest.importorskip("openai")
+    from r2v.config import RouterConfig
+    from r2v.policies.init_model import save_tiny_model
+    from r2v.router.features import FEATURE_NAMES
+    from r2v.router.model import RiskModel
+
+    repo = Path(__file__).resolve().parents[1]
+    models = tmp_path / "runs" / "quickstart" / "models"
+    texts = [f"Goal: {GOAL}\nObservation: room {i}\nAction: {a}" for i in range(30) for a in ADMISSIBLE]
+    save_tiny_model(texts, TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                           vocab_size=300), models / "bc", 512)
+    RiskModel(len(FEATURE_NAMES), RouterConfig(device="cpu")).save(models / "router")
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [str(Path(sys.executable).parent / "r2v"), "serve", "--config", "conf/quickstart.yaml",
+           f"runs_dir={tmp_path / 'runs'}", f"serve.port={port}"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=repo, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        t0, ready = time.monotonic(), False
+        while time.monotonic() - t0 < 240 and proc.poll() is None and not ready:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                time.sleep(1.0)
+        assert ready, f"not ready after {time.monotonic() - t0:.0f}s (rc={proc.poll()}):\n{log.read_text()[-3000:]}"
+        print(f"r2v serve answered /healthz after {time.monotonic() - t0:.1f}s")
+        oa = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert {m.id for m in oa.models.list().data} == {"r2v-routed", "r2v-slm"}
+        messages = [{"role": "system", "content": GOAL},
+                    {"role": "user", "content": "Valid actions: take key; go north\nYou see a key."}]
+        resp = oa.chat.completions.create(model="r2v-routed", messages=messages)
+        assert resp.choices[0].message.content in ("take key", "go north")
+        meta = resp.model_extra["r2v"]
+        assert meta["router"] == "r2v" and 0.0 <= meta["risk"] <= 1.0  # the checkpoint, on the `auto` device
+        assert len(meta["features"]) == len(FEATURE_NAMES)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, log.read_text()[-3000:]
+        assert "[serve] shutting down" in log.read_text()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# ----------------------------------------------------------------------------------------- one routed step
+def test_eval_agent_and_serve_session_take_the_same_routed_steps(app, models_dir):
+    """The same states through eval's RoutedAgent (in this process) and a Serve session (over HTTP) give the
+    same decisions: teacher acts, teacher fails (escalated, the SLM acts, no budget spent), teacher acts,
+    budget exhausted. Both run r2v.policies.routed.routed_step; this guards anything around it."""
+    from r2v.policies.routed import RoutedAgent
+    from r2v.policies.slm import SLMPolicy
+    from r2v.router.features import FEATURE_INDEX
+    from r2v.serve.components import load_serving_router, load_teacher, load_verifier, slm_path
+    from r2v.serve.protocol import make_context
+
+    cfg = serve_cfg(models_dir, app["llm"].url, app["port"])  # the `open` app's config
+    router, _ = load_serving_router(cfg, models_dir)
+    agent = RoutedAgent(SLMPolicy(slm_path(cfg, models_dir), cfg.model, cfg.policy), load_verifier(cfg, models_dir),
+                        router, load_teacher(cfg), cfg.policy.select, cfg.serve.session_budget)
+    agent.reset(None)
+    client = app["client"]
+    sid = client.post("/v1/sessions", json={"goal": GOAL}).json()["session_id"]
+    steps = [("You are in a dark room. There is a key here.", False, "ok"),
+             ("Error: the game engine did not respond; your command was not carried out.", True, "500"),
+             ("A hall. A door is north.", False, "ok"), ("The door is locked.", False, "ok")]
+    history, served, local = [], [], []
+    for i, (obs, tool_failed, llm_mode) in enumerate(steps):
+        app["llm"].mode = llm_mode
+        info = {"tool_failed": tool_failed}
+        r = client.post(f"/v1/sessions/{sid}/step", json={"observation": obs, "admissible": ADMISSIBLE, "info": info})
+        assert r.status_code == 200, r.text
+        served.append(r.json())
+        if local:
+            agent.observe(local[-1].action, info)
+            history.append((local[-1].action, obs))
+        ctx = make_context(GOAL, obs, ADMISSIBLE, list(history), i, cfg.env.max_steps, cfg.env.name, None, info)
+        local.append(agent.decide(ctx, None))
+    app["llm"].mode = "ok"
+    for s, d in zip(served, local):
+        assert (s["action"], s["actor"], s["escalated"], s["teacher_tokens"]) == \
+               (d.action, d.actor, d.escalated, d.teacher_tokens)
+        assert (s["escalation_error"] is None) == (d.escalation_error is None)
+        assert s["risk"] == pytest.approx(d.risk, abs=1e-6)
+        assert s["features"] == pytest.approx(d.features, rel=1e-4, abs=1e-5)
+        assert [c["text"] for c in s["candidates"]] == [c.text for c in d.candidates]
+        assert [c["verifier_score"] for c in s["candidates"]] == [c.verifier_score for c in d.candidates]
+    assert [d.actor for d in local] == ["teacher", "slm", "teacher", "slm"]
+    assert [d.escalated for d in local] == [True, True, True, False]
+    assert "503" in served[1]["escalation_error"] and "503" in local[1].escalation_error
+    assert served[3]["budget_exhausted"] is True and served[3]["session"]["llm_calls"] == 2 == agent.calls
+    failed = FEATURE_INDEX["recent_tool_error"]  # the error shown reaches both trackers (info is never read)
+    assert [s["features"][failed] for s in served] == [0.0, 1.0, 1.0, 0.0]

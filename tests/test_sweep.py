@@ -58,15 +58,16 @@ def synthetic_rows(experiment: str, seeds=(0, 1, 2, 3), rng_seed: int = 0) -> di
                         "episode_failed": bool(failed), "branch_label": label,
                         "slm_branch_success": (not failed) if label is not None else None,
                         "teacher_branch_success": teacher,
+                        "label_weight": 1.0 if label is not None else None,
                     })
         out[split] = rows
     return out
 
 
 def write_rows(cfg: R2VConfig) -> pd.DataFrame:
-    from r2v.rollout.router_rows import router_rows_dir
+    from r2v.experiment import Experiment
 
-    store = ShardStore(router_rows_dir(cfg), "router_rows")
+    store = ShardStore(Experiment(cfg).router_rows, "router_rows")
     for split, rows in synthetic_rows(cfg.experiment).items():
         store.write(f"split={split}", rows)
     return store.read_pandas()
@@ -177,6 +178,8 @@ def swept(ray_local, tmp_path_factory):
     """One sweep of 8 trials that is interrupted (the driver gets the signal Ctrl+C sends once 3 trials have
     finished; Tune saves its state and stops) and in which one trial crashes once at epoch 3; then the
     stage runs again and resumes it."""
+    import r2v.tune.sweep
+    from fault_injection import InterruptOnce, traced_trial
     from r2v.errors import R2VError
     from r2v.tune import run_sweep
 
@@ -189,14 +192,17 @@ def swept(ray_local, tmp_path_factory):
     rows = write_rows(cfg)
     (tmp / "crash-once").touch()
     (tmp / "interrupt-once").touch()
-    hooks = {"fail_marker": str(tmp / "crash-once"), "fail_epoch": 3, "trace_dir": str(tmp / "trace"),
-             "interrupt_after": 3, "interrupt_marker": str(tmp / "interrupt-once"),
-             "interrupt_record": str(tmp / "finished-before-interrupt")}
-    with pytest.raises(R2VError, match="sweep interrupted"):
-        run_sweep(cfg, _test_hooks=hooks)
-    assert not (tmp / "interrupt-once").exists()
-    finished_before = set((tmp / "finished-before-interrupt").read_text().split())
-    summary = run_sweep(cfg, _test_hooks=hooks)
+    mp = pytest.MonkeyPatch()  # module-scoped fixture: undo the trial wrapper by hand
+    mp.setattr(r2v.tune.sweep, "sweep_trial", traced_trial(r2v.tune.sweep.sweep_trial, tmp / "trace",
+                                                           fail_marker=tmp / "crash-once", fail_epoch=3))
+    try:
+        with pytest.raises(R2VError, match="sweep interrupted"):
+            run_sweep(cfg, callbacks=[InterruptOnce(3, tmp / "interrupt-once", tmp / "finished-before-interrupt")])
+        assert not (tmp / "interrupt-once").exists()
+        finished_before = set((tmp / "finished-before-interrupt").read_text().split())
+        summary = run_sweep(cfg)
+    finally:
+        mp.undo()
     return cfg, summary, rows, tmp, finished_before
 
 

@@ -191,16 +191,24 @@ def test_bc_zero2_with_ranking_term_learns_and_saves_hf_model(ray_local, tmp_pat
     assert all(after), (before, after)  # the taught action is ranked first for every prompt
 
 
+def kill_rank1_once(monkeypatch, marker) -> None:
+    """Rank 1 of the BC run exits the process at its first step after a checkpoint, once (see fault_injection)."""
+    import r2v.train.bc
+    from fault_injection import dies_once_after_checkpoint, fit_with_objective
+
+    monkeypatch.setattr(r2v.train.bc, "fit",
+                        fit_with_objective(r2v.train.bc.fit, lambda cls: dies_once_after_checkpoint(cls, marker)))
+
+
 @pytest.mark.slow
 def test_bc_zero3_resumes_after_worker_kill(ray_local, tmp_path, tiny_model, monkeypatch):
     import torch
     from transformers import AutoModelForCausalLM
 
     from r2v.train.bc import run_train_bc
-    from r2v.train.common import FAULT_ENV
 
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv(FAULT_ENV, str(marker))
+    kill_rank1_once(monkeypatch, marker)
     cfg = make_cfg(tmp_path, tiny_model, 3, epochs=4.0, save_steps=4)
     summary = run_train_bc(cfg)
     assert marker.exists()  # rank 1 did die once ...
@@ -226,10 +234,9 @@ def test_bc_lora_resumes_after_driver_crash(ray_local, tmp_path, tiny_model, mon
     from transformers import AutoModelForCausalLM
 
     from r2v.train.bc import run_train_bc
-    from r2v.train.common import FAULT_ENV
 
     marker = tmp_path / "killed-once"
-    monkeypatch.setenv(FAULT_ENV, str(marker))
+    kill_rank1_once(monkeypatch, marker)
     cfg = make_cfg(tmp_path, tiny_model, 2, epochs=3.0, save_steps=4, max_failures=0)
     cfg.model.lora.enabled = True
     cfg.model.lora.r = 8

@@ -10,15 +10,16 @@ import json
 import sys
 from collections.abc import Sequence
 
-from r2v.errors import R2VError, StageNotBuilt
+from r2v.errors import R2VError
 
-# Commands that are not stages of the pipeline graph: (library target or None, tracking issue, help).
-EXTRA_COMMANDS: dict[str, tuple[str | None, int, str]] = {
-    "collect": ("r2v.rollout.stage:run_collect", 4, "collect rollouts with collect.policy=teacher|slm|routed into Parquet shards"),
-    "calibrate": ("r2v.router.stage:run_calibrate", 9,
+# Commands that are not stages of the pipeline graph: (library target, help).
+EXTRA_COMMANDS: dict[str, tuple[str, str]] = {
+    "collect": ("r2v.rollout.stage:run_collect",
+                "collect rollouts with collect.policy=teacher|slm|routed into Parquet shards"),
+    "calibrate": ("r2v.router.stage:run_calibrate",
                   "map a target LLM-call budget to a router threshold; print the realised rate"),
-    "serve": ("r2v.serve.app:run_serve", 7, "deploy the routed agent as a Ray Serve app (HTTP, OpenAI-compatible)"),
-    "submit": ("r2v.submit:run_submit", 8, "submit the pipeline (or one stage) as a Ray job to a cluster"),
+    "serve": ("r2v.serve.app:run_serve", "deploy the routed agent as a Ray Serve app (HTTP, OpenAI-compatible)"),
+    "submit": ("r2v.submit:run_submit", "submit the pipeline (or one stage) as a Ray job to a cluster"),
 }
 STAGE_HELP = {
     "tasks": "generate/load the env's tasks and fix the train/val/test split",
@@ -41,6 +42,11 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. env.max_steps=20")
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="show Ray's, Tune's and the workers' own logs here (default: in runs/<exp>/logs/)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from r2v.pipeline import STAGES
 
@@ -50,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("run", help="run the whole pipeline (skips stages completed with the same config)")
+    p = sub.add_parser("run", help="run the whole pipeline (skips stages whose config and upstream are unchanged)")
     _add_config_args(p)
+    _add_verbose(p)
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run from this stage on")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    p.add_argument("--dry-run", "-n", action="store_true",
+                   help="print which stages would run or be skipped, and why; run nothing (like make -n)")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
 
     p = sub.add_parser("config", help="inspect configuration")
     csub = p.add_subparsers(dest="config_command", required=True)
@@ -74,9 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in STAGES:
         p = sub.add_parser(stage.name, help=STAGE_HELP.get(stage.name, ""))
         _add_config_args(p)
-    for name, (_, _, help_) in EXTRA_COMMANDS.items():
+        _add_verbose(p)
+    for name, (_, help_) in EXTRA_COMMANDS.items():
         p = sub.add_parser(name, help=help_)
         _add_config_args(p)
+        _add_verbose(p)
         if name == "calibrate":
             p.add_argument("--budget", type=float, help="target LLM calls per step (default: router.budget)")
             p.add_argument("--write", action="store_true", help="store the threshold in models/router")
@@ -93,6 +105,24 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def _load_for_run(args):
+    """The config, with library logs routed to runs/<exp>/logs/ unless --verbose (said once, up front)."""
+    from r2v.ray_utils import quiet_logs
+
+    cfg = _load(args)
+    if not args.verbose:
+        print(f"r2v: Ray/Tune logs go to {quiet_logs(cfg)}/ (--verbose shows them here)", flush=True)
+    return cfg
+
+
+def _print_plan(decisions, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps([{"stage": d.stage, "action": d.action, "reason": d.reason} for d in decisions], indent=2))
+        return
+    for d in decisions:
+        print(f"{d.stage:<16} {d.action:<5} {d.reason}")
+
+
 def _print_table(rows: list[dict]) -> None:
     total = sum(r["wall_s"] for r in rows)
     print("\nstage            status      wall")
@@ -102,7 +132,7 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def dispatch(args) -> int:
-    from r2v.pipeline import STAGE_NAMES, run_pipeline, run_stage
+    from r2v.pipeline import STAGE_NAMES, plan, run_pipeline, run_stage
 
     if args.command == "config":
         from r2v.config import to_yaml
@@ -124,18 +154,19 @@ def dispatch(args) -> int:
                 print(f"{k:>22}: {v}")
         return 0
     if args.command == "run":
-        cfg = _load(args)
-        rows = run_pipeline(cfg, from_stage=args.from_stage, until=args.until)
+        if args.dry_run:  # reads markers only: no Ray, no MLflow
+            _print_plan(plan(_load(args), from_stage=args.from_stage, until=args.until), args.json)
+            return 0
+        if args.json:
+            raise R2VError("--json goes with --dry-run (a real run prints its progress and a table)")
+        rows = run_pipeline(_load_for_run(args), from_stage=args.from_stage, until=args.until)
         _print_table(rows)
         return 0
     if args.command in STAGE_NAMES:
-        cfg = _load(args)
-        summary = run_stage(cfg, args.command)
+        summary = run_stage(_load_for_run(args), args.command)
         print(json.dumps(summary, indent=2, default=str))
         return 0
-    target, issue, _ = EXTRA_COMMANDS[args.command]
-    if target is None:
-        raise StageNotBuilt(f"`r2v {args.command}` is not built yet (tracked in issue #{issue})")
+    target, _ = EXTRA_COMMANDS[args.command]
     import importlib
 
     module, fn = target.split(":")
@@ -145,7 +176,7 @@ def dispatch(args) -> int:
     if args.command == "submit":
         kwargs = {"config_path": args.config, "overrides": list(args.overrides), "address": args.address,
                   "stage": args.stage, "wait": not args.no_wait}
-    summary = getattr(importlib.import_module(module), fn)(_load(args), **kwargs)
+    summary = getattr(importlib.import_module(module), fn)(_load_for_run(args), **kwargs)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -155,9 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return dispatch(args)
-    except StageNotBuilt as e:
-        print(f"r2v: {e}", file=sys.stderr)
-        return 3
     except R2VError as e:
         print(f"r2v: error: {e}", file=sys.stderr)
         return 2

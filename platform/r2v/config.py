@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -105,10 +106,12 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    path: str = "${runs_dir}/${experiment}/models/init"  # the base SLM: any HF causal-LM directory
-    build_from_config: bool = True  # init-model builds `path` from `init` (quickstart); False: `path` must exist
+    # the base SLM: any HF causal-LM directory, only ever read. With build_from_config it must stay at its
+    # default, where init-model writes the fresh model; to train from a checkpoint set build_from_config=false
+    path: str = "${runs_dir}/${experiment}/models/init"
+    build_from_config: bool = True  # init-model builds models/init from `init` (quickstart); False: `path` must exist
     init: TinyModelConfig = field(default_factory=TinyModelConfig)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (r2v.config.resolve_device)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
     max_context_tokens: int = 384
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -215,17 +218,17 @@ class VerifierConfig:
     learning_rate: float = 0.01
     hidden_size: int = 32  # learned: MLP width; 0 = logistic regression
     hash_dim: int = 8192  # learned: buckets for hashed n-gram features
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N | mps
 
 
 @dataclass
 class RouterConfig:
-    kind: str = "r2v"  # r2v | slm_only | llm_only | random | entropy | heuristic | verifier | pre_execution | oracle
-    label: str = "branch"  # episode | branch
+    kind: str = "r2v"  # one of ROUTER_KINDS (r2v, the baselines, steer, oracle_teacher)
+    label: str = "branch"  # episode (episode failed) | step (action ≠ env reference action) | branch (counterfactual)
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.2
     alpha: float = 0.2  # CVaR tail
-    epsilon: float = 0.3  # CVaR bound
+    epsilon: float = 0.3  # absolute bound on CVaR_α over perturbation seeds of the per-seed mean y·(1 − p)
     cost_llm: float = 1.0
     cost_slm: float = 0.05
     brier_weight: float = 1.0
@@ -233,7 +236,9 @@ class RouterConfig:
     epochs: int = 60
     learning_rate: float = 1e-3
     threshold: str = "budget"  # bayes | budget | cvar
-    budget: float = 0.3  # target LLM-call rate per step when threshold=budget
+    budget: float = 0.3  # target share of *live* routed steps the teacher acts on, when threshold=budget
+    budget_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # seeds of the routed calibration episodes
+    budget_rounds: int = 4  # routed-collection rounds of the live budget search (each plays the calibration games)
     kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
     fit_split: str = "train"  # train | val: val fits the router on tasks the SLM never trained on
     fit_fraction: float = 0.6  # with fit_split=val: share of val tasks fitted on; the rest calibrates
@@ -242,7 +247,7 @@ class RouterConfig:
     branch_teacher_steps: int = 1  # m: steps the teacher takes in a branch before the SLM continues
     batch_size: int = 256  # router minibatch; CVaR is taken over the seeds present in each batch
     weight_decay: float = 1e-4
-    device: str = "auto"  # auto | cpu | cuda | cuda:N (the router is tiny: cpu is fine)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (the router is tiny: cpu is fine)
     calibration: str = "temperature"  # temperature (σ(z/T)) | platt (σ(z/T + b): also undoes the cost term's shift)
 
 
@@ -271,13 +276,15 @@ class EvalConfig:
     perturbation_seeds: list[int] = field(default_factory=lambda: list(range(8)))
     methods: list[str] = field(
         default_factory=lambda: [
-            "r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "pre_execution", "oracle",
+            "r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "pre_execution",
+            "oracle_teacher",
         ]
     )
     bootstrap_samples: int = 1000
-    # extra live operating points: for each budget B, methods `r2v@B`, `entropy@B` and `random@B` with τ set on
-    # the calibration rows so that B of the steps escalate (the budget-matched frontier)
+    # the matched-cost frontier: for each budget B and each router R of `budget_methods`, a method `R@B` whose τ
+    # makes routed episodes on the calibration games escalate B of their steps (r2v.rollout.live_budget)
     budgets: list[float] = field(default_factory=list)
+    budget_methods: list[str] = field(default_factory=lambda: ["r2v", "entropy", "random"])
 
 
 @dataclass
@@ -289,7 +296,7 @@ class ServeConfig:
     max_history: int = 64
     session_ttl_s: float = 1800.0
     session_budget: int = 10
-    num_cpus_per_replica: float = 1.0
+    num_cpus_per_replica: Optional[float] = None  # None: sized from the cluster (r2v.serve.app.deployment_options)
     # --- the Serve app (r2v.serve.app); replicas/autoscaling/resources also from conf/serve.yaml under `serve run`
     models_dir: str = "${runs_dir}/${experiment}/models"  # SLM (dpo|bc), verifier/ and router/ are read here
     slm_path: Optional[str] = None  # None: models_dir/dpo, else models_dir/bc, else model.path
@@ -329,7 +336,10 @@ class R2VConfig:
 
     @property
     def experiment_dir(self) -> Path:
-        return Path(self.runs_dir) / self.experiment
+        """runs/<experiment>; the paths under it are named in r2v.experiment.Experiment."""
+        from r2v.experiment import Experiment
+
+        return Experiment(self).root
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -433,27 +443,107 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return obj
 
 
+# The vocabulary of every enumerated config value: checked at load (`validate`), imported by the code that
+# branches on it. ROUTER_KINDS is also the registry of r2v.router.baselines (a test keeps them equal).
+ROUTER_KINDS = ("r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "pre_execution", "steer",
+                "oracle_teacher")
+LABELS = ("episode", "step", "branch")
+THRESHOLDS = ("budget", "bayes", "cvar")
+CALIBRATIONS = ("temperature", "platt")
+SPLITS = ("train", "val", "test")
+LR_SCHEDULES = ("linear", "constant")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _did_you_mean(value: Any, allowed: Any) -> str:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.5)
+    return f"; did you mean: {close[0]}?" if close else ""
+
+
+def check_choice(key: str, value: Any, allowed: Any) -> None:
+    """Raise a ConfigError naming `key`, the bad `value`, the valid values and the closest one."""
+    if value not in allowed:
+        raise ConfigError(f"`{key}` = {value!r} is not one of {list(allowed)}{_did_you_mean(value, allowed)}")
+
+
+def check_device(key: str, value: str) -> None:
+    if not _DEVICE.fullmatch(str(value)):
+        raise ConfigError(f"`{key}` = {value!r} is not a device: use one of {list(DEVICES)}"
+                          f"{_did_you_mean(value, DEVICES)}")
+
+
+def resolve_device(name: str, key: str = "device") -> str:
+    """The one place `auto` becomes a device: "cuda" when torch sees a GPU, else "cpu". Other names are
+    returned as given, after checking that a `cuda*` device is visible (torch.device("auto") raises)."""
+    check_device(key, name)
+    if name == "cpu":
+        return name
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"`{key}` = {name!r} but no CUDA device is visible; use {key}=auto or cpu")
+    return name
+
+
+def check_model_path(cfg: R2VConfig) -> None:
+    """With build_from_config, init-model writes a fresh model into the experiment's models/init; a
+    `model.path` elsewhere is someone's checkpoint, which r2v must read, never overwrite."""
+    from r2v.experiment import Experiment
+
+    init = Experiment(cfg).model("init")
+    if cfg.model.build_from_config and Path(cfg.model.path).resolve() != init.resolve():
+        raise ConfigError(
+            f"`model.path` = {cfg.model.path} but model.build_from_config=true builds a fresh model (in {init}); "
+            f"set model.build_from_config=false to train from {cfg.model.path} (it is only read), "
+            f"or drop model.path to build the tiny model")
+
+
 def validate(cfg: R2VConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Every enumerated value and cross-field check that types alone cannot express, at load time."""
     choices = {
-        "env.name": (cfg.env.name, {"textworld", "code", "terminal"}),
-        "env.terminal.backend": (cfg.env.terminal.backend, {"sandbox", "docker"}),
-        "policy.mode": (cfg.policy.mode, {"rank", "generate"}),
-        "policy.select": (cfg.policy.select, {"verifier", "logprob"}),
-        "teacher.kind": (cfg.teacher.kind, {"oracle", "openai", "hf"}),
-        "collect.policy": (cfg.collect.policy, {"teacher", "slm", "routed"}),
-        "collect.split": (cfg.collect.split, {"train", "val", "test"}),
-        "eval.split": (cfg.eval.split, {"train", "val", "test"}),
-        "verifier.kind": (cfg.verifier.kind, {"rule", "learned"}),
-        "router.label": (cfg.router.label, {"episode", "branch"}),
-        "router.threshold": (cfg.router.threshold, {"bayes", "budget", "cvar"}),
-        "router.calibration": (cfg.router.calibration, {"temperature", "platt"}),
-        "router.fit_split": (cfg.router.fit_split, {"train", "val"}),
-        "model.init.architecture": (cfg.model.init.architecture, {"llama", "qwen2"}),
+        "env.name": (cfg.env.name, ("textworld", "code", "terminal")),
+        "env.terminal.backend": (cfg.env.terminal.backend, ("sandbox", "docker")),
+        "model.init.architecture": (cfg.model.init.architecture, ("llama", "qwen2")),
+        "model.dtype": (cfg.model.dtype, DTYPES),
+        "policy.mode": (cfg.policy.mode, ("rank", "generate")),
+        "policy.select": (cfg.policy.select, ("verifier", "logprob")),
+        "teacher.kind": (cfg.teacher.kind, ("oracle", "openai", "hf")),
+        "collect.policy": (cfg.collect.policy, ("teacher", "slm", "routed")),
+        "collect.split": (cfg.collect.split, SPLITS),
+        "bc.lr_schedule": (cfg.bc.lr_schedule, LR_SCHEDULES),
+        "dpo.train.lr_schedule": (cfg.dpo.train.lr_schedule, LR_SCHEDULES),
+        "verifier.kind": (cfg.verifier.kind, ("rule", "learned")),
+        "router.kind": (cfg.router.kind, ROUTER_KINDS),
+        "router.label": (cfg.router.label, LABELS),
+        "router.threshold": (cfg.router.threshold, THRESHOLDS),
+        "router.calibration": (cfg.router.calibration, CALIBRATIONS),
+        "router.fit_split": (cfg.router.fit_split, ("train", "val")),
+        "eval.split": (cfg.eval.split, SPLITS),
+        "serve.fallback_router": (cfg.serve.fallback_router, ROUTER_KINDS),
     }
+    if cfg.serve.router is not None:
+        choices["serve.router"] = (cfg.serve.router, ROUTER_KINDS)
     for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"`{key}` = {value!r} is not one of {sorted(allowed)}")
+        check_choice(key, value, allowed)
+    lists = {"eval.methods": (cfg.eval.methods, ROUTER_KINDS), "eval.budget_methods": (cfg.eval.budget_methods, ROUTER_KINDS),
+             "sweep.labels": (cfg.sweep.labels, LABELS),
+             "sweep.thresholds": (cfg.sweep.thresholds, THRESHOLDS)}
+    for key, (values, allowed) in lists.items():
+        if not values:
+            raise ConfigError(f"`{key}` is empty: name at least one of {list(allowed)}")
+        for i, value in enumerate(values):
+            if key == "eval.methods" and "@" in str(value):
+                raise ConfigError(f"`eval.methods[{i}]` = {value!r}: budgeted methods (name@B) come from "
+                                  f"`eval.budgets`; list the base method here")
+            check_choice(f"{key}[{i}]", value, allowed)
+    for key, value in flatten(to_dict(cfg)).items():
+        if key.endswith(".device"):
+            check_device(key, value)
+    check_model_path(cfg)
     fr = cfg.env.split_fractions
     if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1) > 1e-6:
         raise ConfigError(f"`env.split_fractions` must be three non-negative numbers summing to 1, got {fr}")
@@ -464,8 +554,6 @@ def validate(cfg: R2VConfig) -> None:
     for key, stage in (("bc", cfg.bc), ("dpo.train", cfg.dpo.train)):
         if stage.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"`{key}.zero_stage` = {stage.zero_stage} must be 0, 1, 2 or 3")
-        if stage.lr_schedule not in ("linear", "constant"):
-            raise ConfigError(f"`{key}.lr_schedule` = {stage.lr_schedule!r} must be 'linear' or 'constant'")
         if not 0 <= stage.warmup_ratio < 1:
             raise ConfigError(f"`{key}.warmup_ratio` = {stage.warmup_ratio} must be in [0, 1)")
     if cfg.bc.rank_weight < 0 or cfg.bc.rank_negatives < 1:
@@ -511,5 +599,6 @@ def config_hash(cfg: R2VConfig, *sections: str) -> str:
 __all__ = [
     "R2VConfig", "EnvConfig", "PerturbationConfig", "TextWorldConfig", "CodeEnvConfig", "TerminalEnvConfig",
     "SandboxConfig", "ModelConfig", "PolicyConfig", "TeacherConfig", "TrainConfig", "DPOConfig", "RouterConfig",
-    "load_config", "to_yaml", "to_dict", "flatten", "config_hash", "MISSING",
+    "load_config", "to_yaml", "to_dict", "flatten", "config_hash", "MISSING", "resolve_device", "check_choice",
+    "ROUTER_KINDS", "LABELS", "THRESHOLDS", "CALIBRATIONS",
 ]

@@ -11,7 +11,3 @@ class ConfigError(R2VError):
 
 class ShardError(R2VError):
     pass
-
-
-class StageNotBuilt(R2VError):
-    pass

@@ -1,54 +1,69 @@
-"""The stage graph: which stage consumes which artifacts, and how a pipeline run resumes.
+"""The stage graph: which stage consumes which stage's products, and how a pipeline run resumes.
 
 Every stage is a plain function `fn(cfg) -> dict` (a summary with its artifacts and numbers) living in its
 component package; the CLI and jobs/ only parse config and call `run_stage`. A finished stage leaves a
-marker `runs/<exp>/.stages/<stage>.json` holding the hash of the config sections it reads: a re-run skips
-it while that hash is unchanged, `--from STAGE` forces it and everything after it.
+marker `runs/<exp>/.stages/<stage>.json` holding a hash per config section it reads and the digest of each
+upstream stage's marker as it was when the stage ran. A stage is up to date while both are unchanged; since a
+marker's digest covers its own upstream digests, a change anywhere re-runs everything downstream of it (a
+Merkle chain). `plan` says run or skip and why (`r2v run --dry-run` prints it, like `make -n`); `--from STAGE`
+forces that stage and all later ones. A marker written before markers had provenance is treated as stale.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from r2v.config import R2VConfig, config_hash
-from r2v.errors import R2VError, StageNotBuilt
+from r2v.config import R2VConfig, to_dict
+from r2v.errors import R2VError
+from r2v.experiment import Experiment
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    target: str | None  # "module:function"; None = not built yet
+    target: str  # "module:function"
     reads: tuple[str, ...]  # config sections whose change invalidates the stage
-    consumes: str
-    produces: str
-    issue: int  # where the work is tracked while not built
+    upstream: tuple[str, ...]  # stages whose products it reads: a re-run of any of them invalidates it
+    products: str  # what it writes under runs/<exp>/ (documentation)
 
     def function(self) -> Callable[[R2VConfig], dict[str, Any]]:
-        if self.target is None:
-            raise StageNotBuilt(f"stage `{self.name}` is not built yet (tracked in issue #{self.issue})")
         module, fn = self.target.split(":")
         return getattr(importlib.import_module(module), fn)
 
 
 COMMON = ("experiment", "seed", "env")
 STAGES: tuple[Stage, ...] = (
-    Stage("tasks", "r2v.envs.stage:run_tasks", COMMON, "conf", "tasks/splits.json (+ generated games)", 3),
-    Stage("collect-teacher", "r2v.rollout.stage:run_collect_teacher", COMMON + ("teacher", "collect"), "tasks", "rollouts/teacher/*.parquet", 4),
-    Stage("init-model", "r2v.policies.init_model:run_init_model", COMMON + ("model",), "rollouts/teacher", "models/init/", 4),
-    Stage("train-bc", "r2v.train.bc:run_train_bc", COMMON + ("model", "policy", "bc"), "rollouts/teacher, models/init", "models/bc/", 5),
-    Stage("build-pairs", "r2v.rollout.pairs:run_build_pairs", COMMON + ("policy", "verifier", "dpo"), "models/bc", "pairs/*.parquet", 5),
-    Stage("train-dpo", "r2v.train.dpo:run_train_dpo", COMMON + ("policy", "dpo"), "pairs, models/bc", "models/dpo/", 5),
-    Stage("train-verifier", "r2v.verifier.learned:run_train_verifier", COMMON + ("verifier",), "rollouts", "models/verifier/", 9),
-    Stage("collect-router", "r2v.rollout.router_rows:run_collect_router", COMMON + ("policy", "router"), "models/dpo", "router/*.parquet", 9),
-    Stage("train-router", "r2v.router.stage:run_train_router", COMMON + ("router",), "router rows", "models/router/", 9),
-    Stage("sweep", "r2v.tune.sweep:run_sweep", COMMON + ("router", "sweep"), "router rows", "sweep/frontier.parquet, best-*.yaml", 6),
-    Stage("eval", "r2v.eval.live:run_eval", COMMON + ("router", "eval", "teacher"), "models/*", "eval/*.parquet", 9),
-    Stage("report", "r2v.eval.report:run_report", COMMON + ("eval",), "eval", "report/results.json, *.md, *.png", 9),
+    Stage("tasks", "r2v.envs.stage:run_tasks", COMMON, (), "tasks/splits.json (+ generated games)"),
+    Stage("collect-teacher", "r2v.rollout.stage:run_collect_teacher", COMMON + ("teacher", "collect"),
+          ("tasks",), "rollouts/teacher/*.parquet"),
+    Stage("init-model", "r2v.policies.init_model:run_init_model", COMMON + ("model",),
+          ("collect-teacher",), "models/init/ (tokenizer trained on teacher text)"),
+    Stage("train-bc", "r2v.train.bc:run_train_bc", COMMON + ("model", "policy", "bc"),
+          ("collect-teacher", "init-model"), "models/bc/"),
+    Stage("build-pairs", "r2v.rollout.pairs:run_build_pairs", COMMON + ("policy", "verifier", "dpo"),
+          ("tasks", "train-bc"), "rollouts/pair-probes/, pairs/*.parquet"),
+    Stage("train-dpo", "r2v.train.dpo:run_train_dpo", COMMON + ("policy", "dpo"),
+          ("build-pairs", "train-bc"), "models/dpo/"),
+    Stage("train-verifier", "r2v.verifier.learned:run_train_verifier", COMMON + ("verifier",),
+          ("collect-teacher", "build-pairs"), "models/verifier/"),
+    Stage("collect-router", "r2v.rollout.router_rows:run_collect_router", COMMON + ("policy", "router"),
+          ("tasks", "train-bc", "train-dpo", "train-verifier"), "rollouts/slm-router/, branches, router/*.parquet"),
+    Stage("train-router", "r2v.router.stage:run_train_router", COMMON + ("router",),
+          ("collect-router",), "models/router/"),
+    Stage("sweep", "r2v.tune.sweep:run_sweep", COMMON + ("router", "sweep"),
+          ("collect-router", "train-bc", "train-dpo"), "sweep/frontier.parquet, best-*.yaml"),
+    Stage("eval", "r2v.eval.live:run_eval", COMMON + ("router", "eval", "teacher"),
+          ("tasks", "train-bc", "train-dpo", "train-verifier", "collect-router", "train-router"),
+          "eval/episodes/, eval/summary.json"),
+    Stage("report", "r2v.eval.report:run_report", COMMON + ("eval",),
+          ("eval", "sweep", "collect-router", "train-router"), "report/results.json, *.md, *.png"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -61,17 +76,78 @@ def get_stage(name: str) -> Stage:
 
 
 def marker_path(cfg: R2VConfig, stage: str) -> Path:
-    return cfg.experiment_dir / ".stages" / f"{stage}.json"
+    return Experiment(cfg).marker(stage)
 
 
-def is_complete(cfg: R2VConfig, stage: Stage) -> bool:
-    path = marker_path(cfg, stage.name)
+def read_marker(cfg: R2VConfig, stage: str) -> dict[str, Any] | None:
+    """The stage's marker; None when it never finished, {} when the file is unreadable."""
+    path = marker_path(cfg, stage)
     if not path.is_file():
-        return False
+        return None
     try:
-        return json.loads(path.read_text()).get("config_hash") == config_hash(cfg, *stage.reads)
-    except json.JSONDecodeError:
-        return False
+        marker = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def section_hashes(cfg: R2VConfig) -> dict[str, str]:
+    """A hash per top-level config section (one `to_dict`, the slow part, for all of them)."""
+    return {name: _digest(value) for name, value in to_dict(cfg).items()}
+
+
+def marker_digest(marker: dict[str, Any] | None) -> str | None:
+    """Identity of one finished run of a stage: its config, its upstream digests and its run id (so a
+    re-run, even with the same config, invalidates what was built from the previous run's products)."""
+    if not marker:
+        return None
+    return _digest({k: marker.get(k) for k in ("sections", "upstream", "run_id")})
+
+
+def stale_reason(cfg: R2VConfig, stage: Stage, hashes: dict[str, str], rerun: Collection[str] = ()) -> str | None:
+    """Why `stage` must run, or None when its marker is up to date. `hashes`: `section_hashes(cfg)`;
+    `rerun`: upstream stages that will run."""
+    marker = read_marker(cfg, stage.name)
+    if marker is None:
+        return "no marker (never ran)"
+    if not marker:
+        return f"marker unreadable ({marker_path(cfg, stage.name)})"
+    if "sections" not in marker or "upstream" not in marker:
+        return "marker predates provenance (written by an older r2v)"
+    changed = [s for s in stage.reads if marker["sections"].get(s) != hashes.get(s)]
+    if changed:
+        return f"config section{'s' * (len(changed) > 1)} {', '.join(changed)} changed"
+    for up in stage.upstream:
+        if up in rerun:
+            return f"upstream {up} will re-run"
+    for up in stage.upstream:
+        if marker["upstream"].get(up) != marker_digest(read_marker(cfg, up)):
+            return f"upstream {up} changed since this stage ran"
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    stage: str
+    action: str  # run | skip
+    reason: str
+
+
+def plan(cfg: R2VConfig, from_stage: str | None = None, until: str | None = None) -> list[Decision]:
+    """Run or skip, with the reason, for each stage up to `until`; reads markers only (no Ray, nothing runs)."""
+    start = STAGE_NAMES.index(get_stage(from_stage).name) if from_stage else len(STAGES)
+    stop = STAGE_NAMES.index(get_stage(until).name) if until else len(STAGES) - 1
+    decisions, rerun, hashes = [], set(), section_hashes(cfg)
+    for i, stage in enumerate(STAGES[: stop + 1]):
+        reason = "forced by --from" if i >= start else stale_reason(cfg, stage, hashes, rerun)
+        if reason:
+            rerun.add(stage.name)
+        decisions.append(Decision(stage.name, "run" if reason else "skip", reason or "up to date"))
+    return decisions
 
 
 def run_stage(cfg: R2VConfig, name: str, tracker=None) -> dict[str, Any]:
@@ -89,37 +165,43 @@ def run_stage(cfg: R2VConfig, name: str, tracker=None) -> dict[str, Any]:
         tracker.log_metrics({"wall_s": wall})
     path = marker_path(cfg, stage.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    marker = {"stage": stage.name, "config_hash": config_hash(cfg, *stage.reads), "wall_s": wall,
-              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
-    path.write_text(json.dumps(marker, indent=2, default=str))
+    hashes = section_hashes(cfg)
+    sections = {s: hashes[s] for s in stage.reads}
+    marker = {"stage": stage.name, "config_hash": _digest(sections), "sections": sections,
+              "upstream": {up: marker_digest(read_marker(cfg, up)) for up in stage.upstream},
+              "run_id": uuid.uuid4().hex, "wall_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "summary": summary}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(marker, indent=2, default=str))
+    tmp.replace(path)
     return {**summary, "wall_s": wall}
+
+
+def brief(summary: dict[str, Any], n: int = 6) -> str:
+    """A stage's first few numbers for its progress line (the marker and MLflow keep them all)."""
+    nums = [(k, v) for k, v in summary.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "wall_s"][:n]
+    return "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in nums)
 
 
 def run_pipeline(cfg: R2VConfig, from_stage: str | None = None, until: str | None = None,
                  echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run the stage graph in order, skipping completed stages; returns one status row per stage."""
+    """Run the stages `plan` marks `run`, in order; returns one status row per stage."""
     from r2v.tracking import Tracker
 
-    names = list(STAGE_NAMES)
-    start = names.index(get_stage(from_stage).name) if from_stage else 0
-    stop = names.index(get_stage(until).name) if until else len(names) - 1
+    decisions = plan(cfg, from_stage, until)
     rows: list[dict[str, Any]] = []
     tracker = Tracker(cfg)
     with tracker.pipeline_run(f"pipeline:{cfg.experiment}"):
-        for i, stage in enumerate(STAGES):
-            if i > stop:
-                break
-            if stage.target is None:
-                echo(f"[{i + 1:2d}/{len(STAGES)}] {stage.name:<16} not built yet (issue #{stage.issue})")
-                rows.append({"stage": stage.name, "status": "not built", "wall_s": 0.0})
+        for i, d in enumerate(decisions):
+            tag = f"[{i + 1:2d}/{len(STAGES)}] {d.stage:<16}"
+            if d.action == "skip":
+                echo(f"{tag} skipped ({d.reason})")
+                rows.append({"stage": d.stage, "status": "skipped", "reason": d.reason, "wall_s": 0.0})
                 continue
-            forced = from_stage is not None and i >= start
-            if not forced and is_complete(cfg, stage):
-                echo(f"[{i + 1:2d}/{len(STAGES)}] {stage.name:<16} done earlier, skipped")
-                rows.append({"stage": stage.name, "status": "skipped", "wall_s": 0.0})
-                continue
-            echo(f"[{i + 1:2d}/{len(STAGES)}] {stage.name:<16} running ...")
-            result = run_stage(cfg, stage.name, tracker)
-            echo(f"[{i + 1:2d}/{len(STAGES)}] {stage.name:<16} done in {result['wall_s']:.1f}s")
-            rows.append({"stage": stage.name, "status": "ran", "wall_s": result["wall_s"], "summary": result})
+            echo(f"{tag} running ({d.reason}) ...")
+            result = run_stage(cfg, d.stage, tracker)
+            echo(f"{tag} done in {result['wall_s']:.1f}s  {brief(result)}".rstrip())
+            rows.append({"stage": d.stage, "status": "ran", "reason": d.reason, "wall_s": result["wall_s"],
+                         "summary": result})
     return rows

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from r2v.config import R2VConfig, flatten, to_dict, to_yaml
+from r2v.experiment import Experiment
 
 
 def tracking_uri(cfg: R2VConfig) -> str:
     if cfg.tracking.uri:
         return cfg.tracking.uri
-    db = (cfg.experiment_dir / "mlflow.db").resolve()
+    db = Experiment(cfg).mlflow_db.resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 
@@ -39,7 +40,7 @@ class Tracker:
             name = cfg.tracking.experiment_name
             if cfg.tracking.uri is None and mlflow.get_experiment_by_name(name) is None:
                 # with a sqlite store MLflow would put artifacts in ./mlruns of whatever the cwd is
-                artifacts = (cfg.experiment_dir / "mlartifacts").resolve()
+                artifacts = Experiment(cfg).mlartifacts.resolve()
                 mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
             mlflow.set_experiment(name)
             self._mlflow = mlflow
@@ -80,6 +81,14 @@ class Tracker:
             clean = {re.sub(r"[^\w\-. /]", "_", k): float(v) for k, v in metrics.items()
                      if isinstance(v, (int, float)) and v == v}
             self._mlflow.log_metrics(clean, step=step)
+
+    def log_history(self, history: list[dict[str, Any]], prefix: str = "router/") -> None:
+        """Per-epoch training records (RiskModel.fit's history: λ, CVaR violation, Brier, loss, …) as metric
+        series with step = epoch, so MLflow draws them as curves; records without `epoch` (the summary) are
+        left to the caller."""
+        for rec in history:
+            if "epoch" in rec:
+                self.log_metrics({prefix + k: v for k, v in rec.items() if k != "epoch"}, step=int(rec["epoch"]))
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.enabled:

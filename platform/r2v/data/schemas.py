@@ -70,7 +70,7 @@ PAIRS_V1 = pa.schema(
     ]
 )
 
-ROUTER_ROWS_V1 = pa.schema(
+ROUTER_ROWS_V2 = pa.schema(
     [
         pa.field("experiment", pa.string(), nullable=False),
         pa.field("env", pa.string(), nullable=False),
@@ -85,6 +85,8 @@ ROUTER_ROWS_V1 = pa.schema(
         pa.field("branch_label", pa.bool_()),  # label (b): teacher branch succeeds where the SLM branch fails
         pa.field("slm_branch_success", pa.bool_()),
         pa.field("teacher_branch_success", pa.bool_()),
+        pa.field("step_label", pa.bool_()),  # label (c): the SLM's action differs from the env's reference action
+        pa.field("label_weight", pa.float32()),  # steps of its episode each sampled branch row stands for
         pa.field("schema_version", pa.int16(), nullable=False),
     ]
 )
@@ -92,7 +94,7 @@ ROUTER_ROWS_V1 = pa.schema(
 SCHEMAS: dict[str, tuple[int, pa.Schema]] = {
     "steps": (1, STEPS_V1),
     "pairs": (1, PAIRS_V1),
-    "router_rows": (1, ROUTER_ROWS_V1),
+    "router_rows": (2, ROUTER_ROWS_V2),
 }
 
 

@@ -38,7 +38,9 @@ class StepResult:
     reward: float
     done: bool
     success: bool  # as reported by the environment; False until it says otherwise
-    info: dict[str, Any] = field(default_factory=dict)  # tool_failed, perturbations, ...
+    # bookkeeping for step records and analysis (tool_failed, perturbations, ...); an agent, its router
+    # features and its verifier see only `observation` (r2v.policies.observed)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -11,7 +11,10 @@ Families and kinds (recorded in `info["perturbations"]` as "family/kind"):
   prompt_injection      direct, indirect (planted in the scene), misleading (fake error)
   distractors           red_herring, decoy_action (extra admissible entries the env rejects), wrong_hint
 
-Tool-flakiness kinds set `info["tool_failed"] = True`. The oracle is passed through untouched: it sees the
+Tool-flakiness kinds set `info["tool_failed"] = True`. That is bookkeeping (the step record's `tool_failed`
+column keeps the truth for analysis), not something the agent sees: `stale` shows the previous output with
+no sign of failure. Router features and rule verifiers read only the shown text (`r2v.policies.observed`),
+so they compute at deployment what they computed here. The oracle is passed through untouched: it sees the
 true state, so after a failed call it simply proposes the same action again. An env may give its own
 phrasing with `perturbation_flavour() -> dict` (keys of DEFAULT_FLAVOUR); perturbations applied to the
 first observation are in `wrapper.reset_info["perturbations"]` (reset returns only an Observation).
@@ -155,7 +158,7 @@ class PerturbedEnv:
             obs = replace(result.observation, text=text)
         info = dict(result.info)
         info.setdefault("tool_failed", False)
-        if kind:
+        if kind:  # bookkeeping: True for the silent `stale` kind too (see the module docstring)
             applied.append(f"tool_flakiness/{kind}")
             info["tool_failed"] = True
         done, success = result.done, result.success

@@ -7,10 +7,7 @@ from typing import Any
 
 from r2v.config import R2VConfig
 from r2v.envs.registry import task_splits
-
-
-def splits_path(cfg: R2VConfig):
-    return cfg.experiment_dir / "tasks" / "splits.json"
+from r2v.experiment import Experiment
 
 
 def run_tasks(cfg: R2VConfig) -> dict[str, Any]:
@@ -19,7 +16,7 @@ def run_tasks(cfg: R2VConfig) -> dict[str, Any]:
 
         init_ray(cfg)  # games are generated in parallel Ray tasks
     splits = task_splits(cfg.env)
-    path = splits_path(cfg)
+    path = Experiment(cfg).splits_file
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"env": cfg.env.name, "splits": {k: [t.task_id for t in v] for k, v in splits.items()}}
     path.write_text(json.dumps(doc, indent=2))
@@ -27,7 +24,7 @@ def run_tasks(cfg: R2VConfig) -> dict[str, Any]:
 
 
 def read_splits(cfg: R2VConfig) -> dict[str, list[str]]:
-    path = splits_path(cfg)
+    path = Experiment(cfg).splits_file
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: run `r2v tasks --config ...` (the pipeline's first stage)")
     return json.loads(path.read_text())["splits"]

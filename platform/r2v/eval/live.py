@@ -1,37 +1,29 @@
 """`eval`: every method plays the held-out tasks live, under every evaluation seed.
 
 At an escalated step the teacher's action is executed in the environment; success is what the env reports
-at the end of the episode, nothing else. Thresholded baselines are calibrated on validation router rows to
-the same LLM-call budget as R2V (`router.budget`), so the comparison is at matched cost; `random` uses R2V's
-realised validation rate. Calibration (ECE, Brier) is measured on held-out test router rows against the
-label each router predicts.
+at the end of the episode, nothing else. Thresholded routers are compared at matched *live* cost: each is
+set, by routed episodes on the calibration games, to escalate its budget's share of the steps it plays
+(`build_routers`); the summary reports that calibration-game rate beside the rate realised on the held-out
+games. Calibration (ECE, Brier) is measured on held-out test router rows against the label each router
+predicts.
 """
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from r2v.config import R2VConfig
 from r2v.data import ShardStore
 from r2v.errors import R2VError
+from r2v.experiment import Experiment
 from r2v.router.baselines import Router
-
-
-def eval_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "eval"
-
-
-def episodes_dir(cfg: R2VConfig):
-    return eval_dir(cfg) / "episodes"
 
 
 def feature_rows(df) -> list[dict[str, float]]:
     from r2v.router.features import features_by_name
 
     return [features_by_name(list(v)) for v in df["features"]]
-
-
-BUDGETED = ("r2v", "entropy", "random")  # the methods `eval.budgets` re-evaluates at each budget
 
 
 def budget_method(base: str, budget: float) -> str:
@@ -41,48 +33,61 @@ def budget_method(base: str, budget: float) -> str:
 
 def r2v_router(cfg: R2VConfig):
     from r2v.router.baselines import make_router
-    from r2v.router.stage import router_dir
+    return make_router("r2v", model_dir=str(Experiment(cfg).model("router")))
 
-    return make_router("r2v", model_dir=str(router_dir(cfg)))
+
+def _make(cfg: R2VConfig, base: str) -> Router:
+    from r2v.router.baselines import load_router, make_router
+
+    if base == "r2v":
+        return r2v_router(cfg)
+    if base == "pre_execution":
+        return load_router(Experiment(cfg).model("router") / "pre_execution")
+    return make_router(base)
+
+
+# Baselines whose own rule is the method (a fixed threshold of their score); at a budget they are `name@B`.
+OWN_RULE = ("heuristic", "verifier")
 
 
 def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
-    """Every method of `eval.methods`, thresholds fixed on validation rows. Returns (routers, notes)."""
-    from r2v.router.baselines import load_router, make_router
-    from r2v.router.stage import read_router_rows, router_dir, router_part
+    """Every method of `eval.methods` and every `R@B` of `eval.budget_methods` × `eval.budgets`. A thresholded
+    method is set to a budget of *live* LLM calls per step by routed episodes on the calibration games (one
+    batched search for all of them): `r2v` keeps the threshold train-router stored, the other plain
+    thresholded baselines get `router.budget`; fixed routers and OWN_RULE baselines keep their own rule.
+    Returns (routers, notes: threshold, target budget and the calibration-game rate per method)."""
+    from r2v.rollout.live_budget import calibrate_live
+    from r2v.router.stage import read_router_rows, router_part
 
-    rows = read_router_rows(cfg)
-    val = router_part(cfg, rows, "calibration")
+    val = router_part(cfg, read_router_rows(cfg), "calibration")
     val_feats, val_eps = feature_rows(val), list(val["episode_id"])
     routers: dict[str, Router] = {}
-    notes: dict[str, Any] = {}
-    r2v = r2v_router(cfg)
-    r2v_rate = float(r2v.rate(r2v.risks(val_feats))) if val_feats else cfg.router.budget
+    budgets: dict[str, float] = {}
     for name in cfg.eval.methods:
-        if name == "r2v":
-            router = r2v
-        elif name == "pre_execution":
-            router = load_router(router_dir(cfg) / "pre_execution")
-        else:
-            router = make_router(name)
-        if name == "random":
-            router.calibrate([], r2v_rate)
-        elif name in ("entropy", "pre_execution") and val_feats:
-            router.calibrate(val_feats, cfg.router.budget, episode_ids=val_eps)
-        offline = val_feats and name != "oracle"  # the oracle needs the live env's oracle action
-        notes[name] = {"threshold": float(router.threshold),
-                       "val_call_rate": float(router.rate(router.risks(val_feats, val_eps))) if offline else None}
-        routers[name] = router
-    for budget in cfg.eval.budgets:  # the budget-matched frontier, live
-        for base in BUDGETED:
-            if base not in cfg.eval.methods or (base != "random" and not val_feats):
-                continue  # (τ needs calibration steps)
-            router = r2v_router(cfg) if base == "r2v" else make_router(base)
-            _, rate = router.calibrate([] if base == "random" else val_feats, budget, episode_ids=val_eps)
+        routers[name] = _make(cfg, name)
+        if not (routers[name].fixed or name in OWN_RULE or name == "r2v"):
+            budgets[name] = cfg.router.budget
+    for budget in cfg.eval.budgets:
+        for base in cfg.eval.budget_methods:
             name = budget_method(base, budget)
-            notes[name] = {"threshold": float(router.threshold), "val_call_rate": float(rate) if val_feats else None}
-            routers[name] = router
+            routers[name], budgets[name] = _make(cfg, base), float(budget)
+            if routers[name].fixed:
+                raise R2VError(f"`eval.budget_methods` lists {base!r}, a router without a threshold to set")
+    for router in routers.values():
+        router.prepare(val_feats)  # training-free routers (steer) fit on the calibration steps, without labels
+    p_offline = {n: routers[n].risks(val_feats, val_eps) for n in budgets}
+    found = calibrate_live(cfg, routers, budgets, p_offline)
+    notes: dict[str, Any] = {}
+    for name, router in routers.items():
+        rec = found.get(name, {})
+        info = getattr(getattr(router, "model", None), "threshold_info", {}) if name == "r2v" else {}
+        notes[name] = {"threshold": float(router.threshold), "budget": rec.get("budget", info.get("budget")),
+                       "calibration_call_rate": rec.get("rate", info.get("live_rate")),
+                       "calibration_probes": len(rec.get("probes", info.get("probes", [])))}
     return routers, notes
+
+
+LABEL_COLUMNS = {"episode": "episode_failed", "step": "step_label", "branch": "branch_label"}  # router.label → column
 
 
 def offline_calibration(cfg: R2VConfig, routers: dict[str, Router]) -> dict[str, dict[str, float]]:
@@ -93,8 +98,7 @@ def offline_calibration(cfg: R2VConfig, routers: dict[str, Router]) -> dict[str,
     rows = read_router_rows(cfg)
     test = rows[rows["split"] == "test"]
     out = {}
-    for name, label_col in (("r2v", "branch_label" if cfg.router.label == "branch" else "episode_failed"),
-                            ("pre_execution", "episode_failed")):
+    for name, label_col in (("r2v", LABEL_COLUMNS[cfg.router.label]), ("pre_execution", "episode_failed")):
         if name not in routers:
             continue
         part = test[test[label_col].notna()]
@@ -107,49 +111,55 @@ def offline_calibration(cfg: R2VConfig, routers: dict[str, Router]) -> dict[str,
     return out
 
 
-def run_eval(cfg: R2VConfig) -> dict[str, Any]:
+def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str, Any]:
+    """Play every method live on `eval.split` and write the per-method summary (default
+    runs/<exp>/eval/summary.json; `make bench` writes its wider router matrix elsewhere)."""
     import ray
 
     from r2v.eval.metrics import summarise_method
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
+    from r2v.rollout.live_budget import router_identity
     from r2v.rollout.router_rows import RoutedAgentFactory
-    from r2v.rollout.stage import collection_inputs, latest_policy_dir, tasks_by_split
-    from r2v.router.stage import router_dir
+    from r2v.rollout.stage import collection_inputs, tasks_by_split
 
+    exp = Experiment(cfg)
     init_ray(cfg)
     routers, notes = build_routers(cfg)
     tasks = tasks_by_split(cfg, [cfg.eval.split])
     if not tasks[cfg.eval.split]:
         raise R2VError(f"split `{cfg.eval.split}` has no tasks; add tasks or change env.split_fractions")
-    model_dir = latest_policy_dir(cfg)
+    model_dir = str(exp.deployed_policy_dir())
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
-    factories, units = {}, []
+    factories, units, policy_of = {}, [], {}
     for name, router in routers.items():
-        policy = f"routed-{name}"
-        factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
-        units += plan_units(tasks, list(cfg.eval.perturbation_seeds), 1, policy)
-    print(f"[eval] {len(routers)} methods x {len(units) // max(1, len(routers))} live episodes each")
+        # methods that route identically (same router, same τ: e.g. `r2v` and `r2v@<router.budget>`) share episodes
+        policy = policy_of[name] = f"routed-{router.name}#{router_identity(router)}~{router.threshold:.10g}"
+        if policy not in factories:
+            factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
+            units += plan_units(tasks, list(cfg.eval.perturbation_seeds), 1, policy)
+    print(f"[eval] {len(routers)} methods ({len(factories)} distinct routings) x "
+          f"{len(units) // max(1, len(factories))} live episodes each")
     try:
-        inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher", "router", "eval"),
-                                   (model_dir, str(router_dir(cfg))))
-        collect(cfg, units, factories, episodes_dir(cfg), inputs=inputs)
+        # a routing's episodes depend on its router and τ (in the policy name) and on these: changing eval.budgets
+        # or retraining the router keeps every episode of routings that did not change
+        inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
+        collect(cfg, units, factories, exp.eval_episodes, inputs=inputs)
     finally:
         ray.kill(server)
-    df = ShardStore(episodes_dir(cfg), "steps").read_pandas()
+    df = ShardStore(exp.eval_episodes, "steps").read_pandas()
     results: dict[str, Any] = {}
     for name in routers:
-        part = df[df["policy"] == f"routed-{name}"]
+        part = df[df["policy"] == policy_of[name]]
         row = summarise_method(part, c_slm=cfg.router.cost_slm, c_llm=cfg.router.cost_llm,
                                n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed)
-        row.update({"ece": None, "brier": None, "threshold": notes[name]["threshold"],
-                    "val_call_rate": notes[name]["val_call_rate"],
+        row.update({"ece": None, "brier": None, "policy": policy_of[name], **notes[name],
                     "escalation_errors": int(part["escalation_error"].notna().sum())})
         results[name] = row
     for name, cal in offline_calibration(cfg, routers).items():
         results[name].update(cal)
-    path = eval_dir(cfg) / "summary.json"
+    path = Path(summary_path or exp.eval_dir / "summary.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=float))
     return {f"{m}_success": r["success"] for m, r in results.items()} | {
@@ -157,7 +167,7 @@ def run_eval(cfg: R2VConfig) -> dict[str, Any]:
 
 
 def read_eval(cfg: R2VConfig) -> dict[str, Any]:
-    path = eval_dir(cfg) / "summary.json"
+    path = Experiment(cfg).eval_dir / "summary.json"
     if not path.is_file():
         raise R2VError(f"{path} is missing: run `r2v eval` first")
     return json.loads(path.read_text())

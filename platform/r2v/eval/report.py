@@ -1,8 +1,13 @@
-"""`report`: results.json, a markdown table and two plots from the live evaluation; logged to MLflow.
+"""`report`: results.json, markdown tables and two plots from the live evaluation; logged to MLflow.
 
-`frontier.png`: success vs LLM-call rate for every method (95% bootstrap CI bars), measured live; the methods
-of `eval.budgets` (`r2v@0.2`, `entropy@0.2`, ...) as one line per router. When a sweep has run, its validation
-frontier is drawn too, labelled as a validation estimate.
+`frontier.png`: success vs realised live LLM calls/step. Each router evaluated at `eval.budgets` (`r2v@0.2`,
+`entropy@0.2`, ...) is one curve from the SLM-only point (0, success) through its budget points, with a band of
+its per-point 95% CI (cluster bootstrap over games); the teacher, SLM-only, oracle-teacher router and the other
+methods are reference markers, the teacher also a horizontal line. When a sweep has run, its validation frontier is
+drawn too, labelled as a validation estimate.
+`results.md`: the per-method table, a matched-budget table (budgets x routers) and a per-router frontier table
+(AUC of success on [0, 0.5] calls/step, calls/step to reach the teacher − 2 points, ECE/Brier where measured).
+`results.json`: every method row, plus `frontier`: those per-router summaries with paired-bootstrap CIs.
 `reliability.png`: R2V's predicted risk vs the observed rate on held-out test router rows.
 """
 from __future__ import annotations
@@ -13,13 +18,14 @@ from typing import Any
 import numpy as np
 
 from r2v.config import R2VConfig
+from r2v.eval.metrics import SUMMARY_KEYS, frontier_bootstrap, frontier_summary, router_curves, split_method
+from r2v.experiment import Experiment
 
-RESULT_KEYS = ("success", "success_ci", "worst_seed_success", "cvar_failure", "llm_call_rate",
-               "episode_call_share", "cost", "ece", "brier", "n_episodes", "n_seeds")
-
-
-def report_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "report"
+RESULT_KEYS = SUMMARY_KEYS
+ROUTER_ORDER = ("r2v", "entropy", "random", "verifier", "heuristic", "pre_execution", "steer")
+TEACHER, SLM = "llm_only", "slm_only"
+AUC_MAX, TEACHER_MARGIN = 0.5, 0.02  # AUC over calls/step in [0, 0.5]; "teacher quality" = teacher − 2 points
+STEP_COLUMNS = ["policy", "task_id", "episode_id", "episode_success", "actor"]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -30,17 +36,111 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+def _ci(ci: Any, digits: int = 2) -> str:
+    return f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]" if ci else "[–]"
+
+
+def _routers(names) -> list[str]:
+    """Routers in the report's fixed order, unknown ones after."""
+    return sorted(names, key=lambda b: (ROUTER_ORDER.index(b) if b in ROUTER_ORDER else len(ROUTER_ORDER), b))
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| method | success [95% CI] | worst-seed | CVaR₀.₂ fail | LLM calls/step | episodes w/ call "
-            "| cost/ep | ECE | Brier | episodes | seeds |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| method | success [95% CI by game] | worst-seed | CVaR₀.₂ fail | LLM calls/step | episodes w/ call "
+            "| cost/ep | ECE | Brier | episodes | games | seeds |")
+    lines = [head, "|" + "---|" * 12]
     for name, r in results.items():
-        lo, hi = r["success_ci"]
         lines.append(
-            f"| {name} | {_fmt(r['success'])} [{_fmt(lo, 2)}, {_fmt(hi, 2)}] | {_fmt(r['worst_seed_success'])} "
+            f"| {name} | {_fmt(r['success'])} {_ci(r['success_ci'])} | {_fmt(r['worst_seed_success'])} "
             f"| {_fmt(r['cvar_failure'])} | {_fmt(r['llm_call_rate'])} | {_fmt(r['episode_call_share'])} "
-            f"| {_fmt(r['cost'], 2)} | {_fmt(r['ece'])} | {_fmt(r['brier'])} | {r['n_episodes']} | {r['n_seeds']} |")
+            f"| {_fmt(r['cost'], 2)} | {_fmt(r.get('ece'))} | {_fmt(r.get('brier'))} | {r['n_episodes']} "
+            f"| {_fmt(r.get('n_games'))} | {r['n_seeds']} |")
     return "\n".join(lines) + "\n"
+
+
+def budget_table(results: dict[str, dict[str, Any]]) -> str:
+    """Budgets x routers: `success [95% CI] @ realised LLM calls/step` (the budget is what τ was set for on
+    validation rows; the realised live rate can differ)."""
+    curves = router_curves(results)
+    if not curves:
+        return "_no `router@budget` methods were evaluated (set `eval.budgets`)_\n"
+    routers = _routers(curves)
+    budgets = sorted({split_method(n)[1] for names in curves.values() for n in names})
+    lines = ["| budget | " + " | ".join(routers) + " |", "|" + "---|" * (len(routers) + 1)]
+    for b in budgets:
+        cells = []
+        for base in routers:
+            r = next((results[n] for n in curves[base] if split_method(n)[1] == b), None)
+            cells.append("–" if r is None else
+                         f"{_fmt(r['success'])} {_ci(r['success_ci'])} @ {_fmt(r['llm_call_rate'])}")
+        lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def method_steps(results: dict[str, dict[str, Any]], steps) -> Any:
+    """The step records of every method in `results`, labelled with a `method` column, or None when some method's
+    episodes are not there (then no paired bootstrap: its CIs would silently leave that method out).
+
+    A method's episodes are those of its row's `policy` (eval shares one routing between methods that route
+    identically, e.g. `r2v` and `r2v@<router.budget>`), else of `routed-<method>` (older evals)."""
+    import pandas as pd
+
+    if steps is None or not len(steps):
+        return None
+    parts = []
+    for name, r in results.items():
+        part = steps[steps["policy"] == (r.get("policy") or f"routed-{name}")]
+        if part.empty:
+            print(f"[report] no episodes of `{name}` among the eval's step records: frontier CIs omitted")
+            return None
+        parts.append(part.assign(method=name))
+    return pd.concat(parts, ignore_index=True)
+
+
+def frontier_of(results: dict[str, dict[str, Any]], steps=None, *, n_boot: int = 1000, seed: int = 0
+                ) -> dict[str, dict[str, Any]]:
+    """Per-router frontier summaries (see `r2v.eval.metrics.frontier_summary`), with paired cluster-bootstrap CIs
+    when the per-step records of every method are given (`method_steps`), point estimates otherwise.
+    ECE/Brier are the router's own row's (measured on held-out router rows), where present."""
+    kw = dict(slm=SLM, teacher=TEACHER, x_max=AUC_MAX, margin=TEACHER_MARGIN)
+    labelled = method_steps(results, steps) if router_curves(results) else None
+    if labelled is not None:
+        front = frontier_bootstrap(labelled, n_boot=n_boot, seed=seed, **kw)
+    else:
+        front = frontier_summary({m: (r["llm_call_rate"], r["success"]) for m, r in results.items()}, **kw)
+        for row in front.values():
+            row.update(auc_ci=None, calls_to_target_ci=None, p_reached=None)
+    for base, row in front.items():
+        row["ece"] = results.get(base, {}).get("ece")
+        row["brier"] = results.get(base, {}).get("brier")
+    return {base: front[base] for base in _routers(front)}
+
+
+def frontier_table(front: dict[str, dict[str, Any]]) -> str:
+    if not front:
+        return "_no router frontier: no `router@budget` methods were evaluated_\n"
+    lines = ["| router | budgets | AUC on [0, 0.5] calls/step [95% CI] | calls/step to teacher − 2 pts [95% CI] "
+             "| resamples reaching it | ECE | Brier |", "|" + "---|" * 7]
+    notes = []
+    for base, f in front.items():
+        auc = _fmt(f["auc"])
+        if f["auc"] is not None and f["auc_bridged_from"] is not None:
+            auc += "†"
+            notes.append(f"{base} measured up to {f['auc_bridged_from']:.3f} calls/step")
+        budgets = ", ".join(f"{split_method(n)[1]:g}" for n in f["methods"])
+        calls = "not reached" if f["calls_to_target"] is None else _fmt(f["calls_to_target"])
+        lines.append(f"| {base} | {budgets} | {auc} {_ci(f['auc_ci'])} | {calls} {_ci(f['calls_to_target_ci'])} "
+                     f"| {_fmt(f['p_reached'], 2)} | {_fmt(f['ece'])} | {_fmt(f['brier'])} |")
+    text = "\n".join(lines) + "\n"
+    target = next((f["target"] for f in front.values() if f["target"] is not None), None)
+    text += (f"\nEach curve: (0, SLM-only success), then the router's budget points at their realised live rates, "
+             f"linear in between; teacher − 2 pts = {_fmt(target)}. CIs: paired bootstrap over games (all points "
+             "of a curve and the teacher resampled together); an upper end `–` means not reached in over 2.5% of "
+             "resamples.\n")
+    if notes:
+        text += ("\n† curve stops short of 0.5 calls/step (" + "; ".join(notes) + "): bridged linearly to the "
+                 "teacher's (1.0, success), the point every router reaches at τ = 0.\n")
+    return text
 
 
 def plot_frontier(results: dict[str, dict[str, Any]], path, sweep_frontier=None) -> None:
@@ -49,7 +149,7 @@ def plot_frontier(results: dict[str, dict[str, Any]], path, sweep_frontier=None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
     if sweep_frontier is not None and len(sweep_frontier):
         f = sweep_frontier
         if "source" in f.columns:
@@ -58,29 +158,38 @@ def plot_frontier(results: dict[str, dict[str, Any]], path, sweep_frontier=None)
             f = f[f["pareto"].astype(bool)]
         f = f.sort_values("llm_call_rate")
         ax.plot(f["llm_call_rate"], f["success"], "--", color="0.6", label="R2V sweep (validation estimate)")
-    curves: dict[str, list[tuple[float, float]]] = {}  # `eval.budgets` points (`r2v@0.2`, ...): one line per base
+    curves, slm = router_curves(results), results.get(SLM)
     colors: dict[str, Any] = {}
+    for base in _routers(curves):
+        rows = [results[n] for n in curves[base]] + ([slm] if slm else [])
+        pts = sorted((0.0 if r is slm else r["llm_call_rate"], r["success"], *r["success_ci"]) for r in rows)
+        x, y, lo, hi = (np.asarray(v, dtype=float) for v in zip(*pts))
+        line, = ax.plot(x, y, "-" if base == "r2v" else "--", marker="o", markersize=4,
+                        lw=2.2 if base == "r2v" else 1.3, label=f"{base} @ budgets")
+        colors[base] = line.get_color()
+        ax.fill_between(x, lo, hi, color=colors[base], alpha=0.15, lw=0)
+    if TEACHER in results:
+        t = results[TEACHER]
+        ax.axhline(t["success"], color="k", ls=":", lw=1)
+        ax.axhspan(t["success_ci"][0], t["success_ci"][1], color="k", alpha=0.05, lw=0)
+    refs = {TEACHER: dict(marker="s", color="k", label="teacher (llm_only)"),
+            SLM: dict(marker="v", color="0.35", label="SLM only"),
+            "oracle_teacher": dict(marker="D", color="goldenrod", label="oracle-teacher router")}
     for name, r in results.items():
-        if "@" in name:
-            curves.setdefault(name.split("@")[0], []).append((r["llm_call_rate"], r["success"]))
+        if split_method(name)[1] is not None or not np.isfinite(r.get("success", np.nan)):
             continue
-        lo, hi = r["success_ci"]
-        err = [[max(0.0, r["success"] - lo)], [max(0.0, hi - r["success"])]]
-        style = dict(marker="*", markersize=14, color="crimson") if name == "r2v" else dict(marker="o")
-        bars = ax.errorbar([r["llm_call_rate"]], [r["success"]], yerr=err, capsize=3, label=name, linestyle="",
-                           **style)
-        colors[name] = bars[0].get_color()
-    for base, pts in curves.items():
-        xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, "-" if base == "r2v" else ":", marker=".", color=colors.get(base), alpha=0.8,
-                label=f"{base}, τ per budget (live)")
-    ax.set_xlabel("LLM calls per step (live)")
+        style = refs.get(name) or dict(marker="*" if name == "r2v" else "x", markersize=11 if name == "r2v" else 7,
+                                       color=colors.get(name), label=f"{name} (own τ)")
+        err = [[max(0.0, r["success"] - r["success_ci"][0])], [max(0.0, r["success_ci"][1] - r["success"])]]
+        ax.errorbar([r["llm_call_rate"]], [r["success"]], yerr=err, capsize=3, linestyle="", **style)
+    ax.axvline(AUC_MAX, color="0.7", lw=0.8, ls="-.")
+    ax.set_xlabel("LLM calls per step (realised, live)")
     ax.set_ylabel("episode success (live, env-reported)")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Success vs LLM-call rate, held-out tasks")
+    ax.set_title("Success vs LLM calls/step, held-out tasks (bands: 95% CI over games)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -113,29 +222,49 @@ def plot_reliability(p: np.ndarray, y: np.ndarray, path, bins: int = 10) -> None
     plt.close(fig)
 
 
+def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=None, sweep_frontier=None,
+                  n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """results.json, results.md and frontier.png under `out`; returns the per-router frontier summaries.
+    `steps`: the eval's per-step records (for the frontier's paired bootstrap CIs); None = point estimates."""
+    front = frontier_of(results, steps, n_boot=n_boot, seed=seed)
+    doc: dict[str, Any] = {name: {k: r.get(k) for k in RESULT_KEYS}
+                           | {"extra": {k: v for k, v in r.items() if k not in RESULT_KEYS}}
+                           for name, r in results.items()}
+    doc["frontier"] = front
+    (out / "results.json").write_text(json.dumps(doc, indent=2, default=float))
+    (out / "results.md").write_text(
+        f"# {title}\n\n" + markdown_table(results)
+        + "\n## Matched LLM-call budgets\n\nsuccess [95% CI by game] @ realised live LLM calls/step\n\n"
+        + budget_table(results) + "\n## Frontier per router\n\n" + frontier_table(front))
+    plot_frontier(results, out / "frontier.png", sweep_frontier)
+    return front
+
+
 def run_report(cfg: R2VConfig) -> dict[str, Any]:
     import pandas as pd
 
-    from r2v.eval.live import feature_rows, read_eval
+    from r2v.eval.live import LABEL_COLUMNS, feature_rows, read_eval
     from r2v.router.baselines import make_router
-    from r2v.router.stage import read_router_rows, router_dir
+    from r2v.router.stage import read_router_rows
 
+    exp = Experiment(cfg)
     results = read_eval(cfg)
-    out = report_dir(cfg)
+    out = exp.report_dir
     out.mkdir(parents=True, exist_ok=True)
-    doc = {name: {k: r.get(k) for k in RESULT_KEYS} | {"extra": {k: v for k, v in r.items() if k not in RESULT_KEYS}}
-           for name, r in results.items()}
-    (out / "results.json").write_text(json.dumps(doc, indent=2, default=float))
-    (out / "results.md").write_text(
-        f"# {cfg.experiment}: live evaluation on `{cfg.eval.split}` ({cfg.env.name})\n\n" + markdown_table(results))
-    sweep_path = cfg.experiment_dir / "sweep" / "frontier.parquet"
+    sweep_path = exp.sweep_dir / "frontier.parquet"
     frontier = pd.read_parquet(sweep_path) if sweep_path.is_file() else None
-    plot_frontier(results, out / "frontier.png", frontier)
+    steps = None
+    if router_curves(results) and exp.eval_episodes.is_dir():  # the per-episode data of the paired bootstrap
+        from r2v.data import ShardStore
+
+        steps = ShardStore(exp.eval_episodes, "steps").read_pandas(columns=STEP_COLUMNS)
+    write_results(results, out, f"{cfg.experiment}: live evaluation on `{cfg.eval.split}` ({cfg.env.name})",
+                  steps=steps, sweep_frontier=frontier, n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed)
     rows = read_router_rows(cfg)
-    label = "branch_label" if cfg.router.label == "branch" else "episode_failed"
+    label = LABEL_COLUMNS[cfg.router.label]
     test = rows[(rows["split"] == "test") & rows[label].notna()]
     if len(test):
-        p = make_router("r2v", model_dir=str(router_dir(cfg))).risks(feature_rows(test))
+        p = make_router("r2v", model_dir=str(exp.model("router"))).risks(feature_rows(test))
         plot_reliability(p, test[label].astype(float).to_numpy(), out / "reliability.png")
     try:
         import mlflow

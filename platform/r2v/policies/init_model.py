@@ -15,6 +15,7 @@ from typing import Any
 from r2v.config import R2VConfig, TinyModelConfig
 from r2v.errors import R2VError
 
+INIT_MARKER = "r2v_init.json"  # written by init-model next to the model it built
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
@@ -56,10 +57,10 @@ def build_model(arch: TinyModelConfig, tokenizer, max_positions: int):
 
 def texts_from_rollouts(cfg: R2VConfig) -> list[str]:
     from r2v.data import ShardStore
+    from r2v.experiment import Experiment
     from r2v.policies.prompts import completion, prompt_from_row
-    from r2v.rollout.stage import rollout_dir
 
-    store = ShardStore(rollout_dir(cfg, "teacher"), "steps")
+    store = ShardStore(Experiment(cfg).rollouts("teacher"), "steps")
     table = store.read(["goal", "history", "observation", "action", "admissible"])
     if table.num_rows == 0:
         raise R2VError(f"no teacher rollouts under {store.root}: run `r2v collect-teacher` first")
@@ -70,25 +71,58 @@ def texts_from_rollouts(cfg: R2VConfig) -> list[str]:
     return texts
 
 
-def save_tiny_model(texts: list[str], arch: TinyModelConfig, out_dir: str | Path, max_positions: int) -> dict[str, Any]:
-    """Tokenizer + model into `out_dir` (an HF directory). Returns a small summary."""
+def check_writable(out_dir: str | Path, experiment: str | None) -> None:
+    """A model directory is an input unless r2v's init-model built it (its INIT_MARKER) for this experiment:
+    save_pretrained would silently overwrite someone's checkpoint."""
     out = Path(out_dir)
+    weights = [p for p in ("config.json", "adapter_config.json") if (out / p).is_file()]
+    weights += sorted(p.name for p in out.glob("*.safetensors")) + sorted(p.name for p in out.glob("*.bin"))
+    if not weights:
+        return
+    try:
+        marker = json.loads((out / INIT_MARKER).read_text())
+    except (OSError, ValueError):
+        marker = None
+    if isinstance(marker, dict) and marker.get("experiment", experiment) == experiment:
+        return  # ours (a marker without `experiment` predates the field)
+    who = f"for experiment {experiment!r}" if isinstance(marker, dict) else f"(no readable {INIT_MARKER})"
+    raise R2VError(
+        f"{out} already holds a model ({', '.join(weights[:3])}) that r2v init-model did not build {who}; "
+        f"init-model never overwrites a model directory. To train from it set model.path={out} "
+        f"model.build_from_config=false; to build a fresh tiny model, move it away or use another `experiment`")
+
+
+def save_tiny_model(texts: list[str], arch: TinyModelConfig, out_dir: str | Path, max_positions: int,
+                    experiment: str | None = None) -> dict[str, Any]:
+    """Tokenizer + model into `out_dir` (an HF directory) unless it holds a model it did not build
+    (`check_writable`). Returns a small summary."""
+    out = Path(out_dir)
+    check_writable(out, experiment)
     tokenizer = train_tokenizer(texts, arch.vocab_size)
     model = build_model(arch, tokenizer, max_positions)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
-    summary = {"path": str(out), "params": n_params, "vocab": len(tokenizer), "architecture": arch.architecture}
-    (out / "r2v_init.json").write_text(json.dumps(summary, indent=2))
+    summary = {"path": str(out), "params": n_params, "vocab": len(tokenizer), "architecture": arch.architecture,
+               "experiment": experiment}
+    (out / INIT_MARKER).write_text(json.dumps(summary, indent=2))
     return summary
 
 
 def run_init_model(cfg: R2VConfig) -> dict[str, Any]:
+    """build_from_config: a fresh tiny model into runs/<exp>/models/init (= `model.path`); otherwise check
+    that `model.path` is a model directory, which is only ever read."""
+    from r2v.config import check_model_path
+    from r2v.experiment import Experiment
+
     if not cfg.model.build_from_config:
         if not (Path(cfg.model.path) / "config.json").is_file():
             raise R2VError(f"`model.path` = {cfg.model.path} is not a Hugging Face model directory (no config.json); "
                            "point it at a local checkpoint or set model.build_from_config=true")
         return {"path": cfg.model.path, "built": False}
+    check_model_path(cfg)  # the config may have been changed after load_config validated it
+    out = Experiment(cfg).model("init")
+    check_writable(out, cfg.experiment)  # before the slow part (save_tiny_model checks again)
     max_positions = max(cfg.model.max_context_tokens, cfg.model.init.max_position_embeddings)
-    return save_tiny_model(texts_from_rollouts(cfg), cfg.model.init, cfg.model.path, max_positions)
+    return save_tiny_model(texts_from_rollouts(cfg), cfg.model.init, out, max_positions, experiment=cfg.experiment)

@@ -1,9 +1,24 @@
-"""The routed agent: SLM candidates → verifier → router → the teacher when risk ≥ τ and budget is left.
+"""The routed step, written once: SLM candidates → verifier → proposal → features → router → budget → teacher.
+
+`routed_step` is the only implementation. Eval's `RoutedAgent` runs it with the local objects (plain calls,
+driven without an event loop by `run_sync`); the Serve ingress awaits it with deployment handles. What a
+step means, for both:
+
+- `risk` is computed once per step (`route`), and the escalation compares that same value with τ;
+- `escalated` = the router asked for the teacher (risk ≥ τ, or > τ for strict routers) **and** the budget
+  allowed it, so the teacher was called. It stays true when the call failed: then `actor` is `slm`, the SLM's
+  proposal is executed and `escalation_error` says why;
+- an LLM call (what spends budget, what costs c_LLM, what eval counts) is a step whose `actor` is `teacher`:
+  a failed teacher call spends nothing;
+- `budget_exhausted`: the router asked but no budget was left (the teacher was not called).
 
 The teacher's action is executed for real at an escalated step; whether the episode succeeds is only ever
-what the environment says. A teacher failure degrades to the SLM's proposal with `escalation_error` set.
+what the environment says.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Coroutine, Optional
 
 from r2v.envs.base import Env, Task
 from r2v.policies.base import Decision, StepContext
@@ -19,6 +34,102 @@ def propose(decision: Decision, select: str) -> Decision:
         decision.candidates.sort(key=lambda c: c is not best)  # proposal first, the rest keep their order
         decision.action = best.text
     return decision
+
+
+@dataclass
+class Route:
+    """A router's verdict on one step."""
+
+    risk: float
+    threshold: float
+    escalate: bool
+    router: str
+
+
+def route(router: Router, features: dict[str, float]) -> Route:
+    """Score once and compare that score with τ (calling `risk` then `escalate` would draw a random router
+    twice and record a risk that did not decide)."""
+    risk = float(router.risk(features))
+    thr = float(router.threshold)
+    return Route(risk, thr, bool(risk > thr if router.strict else risk >= thr), router.name)
+
+
+@dataclass
+class StepCalls:
+    """The routed step's components as async callables: local objects wrapped (RoutedAgent) or Serve
+    deployment handles (the ingress). `verify` may return None (no scores: route on the SLM's alone);
+    `teacher` None means there is none to escalate to."""
+
+    slm: Callable[[StepContext], Awaitable[Decision]]
+    verify: Optional[Callable[[StepContext, list[str]], Awaitable[Optional[list[float]]]]]
+    route: Callable[[dict[str, float], str], Awaitable[Route]]  # (features, proposed action)
+    teacher: Optional[Callable[[StepContext], Awaitable[Any]]]  # -> TeacherReply (action, tokens, error)
+
+
+@dataclass
+class RoutedStep:
+    """One routed step: the Decision (the step record's fields) plus what only a server reports."""
+
+    decision: Decision
+    threshold: float
+    router: str
+    budget_exhausted: bool = False
+
+    @property
+    def llm_call(self) -> bool:
+        """The teacher's action is the one executed: this step spends budget and costs c_LLM."""
+        return self.decision.actor == "teacher"
+
+
+async def routed_step(ctx: StepContext, calls: StepCalls, tracker: FeatureTracker, select: str,
+                      budget_left: int | None) -> RoutedStep:
+    """Decide one step (module docstring). `budget_left` None = unlimited. The caller updates `tracker`
+    with the executed action afterwards and counts `llm_call` against its budget."""
+    d = await calls.slm(ctx)
+    if calls.verify is not None and d.candidates:
+        scores = await calls.verify(ctx, [c.text for c in d.candidates])
+        for cand, s in zip(d.candidates, scores or ()):
+            cand.verifier_score = float(s)
+    d = propose(d, select)
+    d.features = tracker.features(ctx, d)
+    r = await calls.route(features_by_name(d.features), d.action)
+    d.risk = r.risk
+    step = RoutedStep(d, r.threshold, r.router)
+    if not r.escalate or calls.teacher is None:
+        return step
+    if budget_left is not None and budget_left <= 0:
+        step.budget_exhausted = True
+        return step
+    d.escalated = True
+    try:
+        reply = await calls.teacher(ctx)
+        action, tokens, error = reply.action, int(reply.tokens or 0), reply.error
+    except Exception as e:  # noqa: BLE001 - a failed teacher call degrades to the SLM's proposal
+        action, tokens, error = None, 0, f"{type(e).__name__}: {str(e)[:200]}"
+    d.teacher_tokens = tokens
+    if action:
+        d.action, d.actor = action, "teacher"
+    else:
+        d.escalation_error = error or "teacher returned no action"
+    return step
+
+
+def run_sync(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine whose awaits all complete at once (wrapped plain calls) without an event loop: a
+    routed step inside a rollout actor pays no loop per step and works under any running loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("run_sync: the coroutine suspended; await it in an event loop instead")
+
+
+def _call(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    async def call(*args: Any) -> Any:
+        return fn(*args)
+
+    return call
 
 
 class RoutedAgent:
@@ -41,27 +152,22 @@ class RoutedAgent:
     def observe(self, action: str, info: dict) -> None:
         self.tracker.update(action, info)
 
-    def decide(self, ctx: StepContext, env: Env) -> Decision:
-        from r2v.verifier.base import annotate
+    def decide(self, ctx: StepContext, env: Env | None) -> Decision:
+        def route_local(feats: dict[str, float], action: str) -> Route:
+            if self.router.needs_oracle_action:
+                feats[ORACLE_KEY] = float(action != env.oracle_action())
+            return route(self.router, feats)
 
-        d = self.slm.act([ctx])[0]
-        if self.verifier is not None:
-            annotate(self.verifier, ctx, d)
-        d = propose(d, self.select)
-        d.features = self.tracker.features(ctx, d)
-        feats = features_by_name(d.features)
-        if self.router.name == "oracle":
-            feats[ORACLE_KEY] = float(d.action != env.oracle_action())
-        d.risk = float(self.router.risk(feats))
-        budget_left = self.budget is None or self.calls < self.budget
-        if self.teacher is None or not budget_left or not self.router.escalate(feats):
-            return d
-        reply = self.teacher.act(ctx, env)
-        d.escalated = True
-        d.teacher_tokens = reply.tokens
-        if reply.action:  # only a teacher action spends budget (as in Serve sessions); a failed call does not
-            self.calls += 1
-            d.action, d.actor = reply.action, "teacher"
-        else:
-            d.escalation_error = reply.error or "teacher returned no action"
-        return d
+        calls = StepCalls(
+            slm=_call(lambda c: self.slm.act([c])[0]),
+            verify=_call(self.verifier.score) if self.verifier is not None else None,
+            route=_call(route_local),
+            teacher=_call(lambda c: self.teacher.act(c, env)) if self.teacher is not None else None,
+        )
+        budget_left = None if self.budget is None else self.budget - self.calls
+        step = run_sync(routed_step(ctx, calls, self.tracker, self.select, budget_left))
+        self.calls += int(step.llm_call)
+        return step.decision
+
+
+__all__ = ["propose", "route", "Route", "StepCalls", "RoutedStep", "routed_step", "run_sync", "RoutedAgent"]

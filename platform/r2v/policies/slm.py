@@ -15,21 +15,12 @@ import math
 import threading
 from pathlib import Path
 
-from r2v.config import ModelConfig, PolicyConfig, R2VConfig
+from r2v.config import ModelConfig, PolicyConfig, R2VConfig, resolve_device
 from r2v.envs.base import Env
 from r2v.errors import R2VError
+from r2v.experiment import is_model_dir
 from r2v.policies.base import Candidate, Decision, StepContext
 from r2v.policies.prompts import completion, encode_pair, parse_action, render_prompt
-
-
-def resolve_device(spec: str = "auto"):
-    import torch
-
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise R2VError(f"`model.device` = {spec!r} but no CUDA device is visible; use model.device=auto or cpu")
-    return torch.device(spec)
 
 
 def resolve_dtype(spec: str, device):
@@ -45,13 +36,14 @@ def resolve_dtype(spec: str, device):
 
 def load_slm(path: str | Path, model_cfg: ModelConfig, device=None):
     """(model, tokenizer) from an HF directory; a LoRA adapter directory is loaded on top of its base."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if not is_model_dir(path):
         raise R2VError(f"{path} is not a Hugging Face model directory (no config.json / adapter_config.json); "
                        "run the stage that writes it (init-model, train-bc, train-dpo) or fix `model.path`")
-    device = device or resolve_device(model_cfg.device)
+    device = device or torch.device(resolve_device(model_cfg.device, "model.device"))
     dtype = resolve_dtype(model_cfg.dtype, device)
     if (path / "adapter_config.json").is_file():
         from peft import AutoPeftModelForCausalLM
@@ -279,7 +271,8 @@ def start_slm_server(cfg: R2VConfig, path: str, num_workers: int):
     """The SLM actor for a collection: on a GPU when the cluster has one, else on CPU."""
     import ray
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and cfg.model.device in ("auto", "cuda")
+    wants_gpu = cfg.model.device == "auto" or cfg.model.device.startswith("cuda")  # the cluster's, not ours
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and wants_gpu
     # On CPU the server reserves no CPU: it computes while the env workers wait on it, so reserving a
     # core would only leave an env worker unscheduled.
     return ray.remote(SLMServer).options(

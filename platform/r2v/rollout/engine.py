@@ -82,10 +82,16 @@ class EnvWorker:
                            self.cfg.policy.history_steps)
         self.store.write(unit.key, rows)
         return {"key": unit.key, "steps": len(rows), "success": bool(rows and rows[-1]["episode_success"]),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node": _node_id()}
 
     def pid(self) -> int:
         return os.getpid()
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def plan_units(tasks: dict[str, list[Task]], seeds: list[int], episodes_per_task: int, policy: str) -> list[Unit]:
@@ -155,6 +161,7 @@ def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, 
         on_started(workers)
     attempts: dict[str, int] = {}
     pids: dict[int, set[int]] = {}  # worker index -> processes that ran its units (restarts add one)
+    nodes: dict[int, set[str]] = {}  # worker index -> Ray nodes it ran on (a restart may move it)
     inflight: dict[Any, tuple[Any, Unit]] = {}
     t0 = time.time()
     label = units[0].policy if len(factories) == 1 else f"{len(factories)} policies"
@@ -185,6 +192,7 @@ def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, 
             summary["steps"] += res["steps"]
             summary["successes"] += int(res["success"])
             pids.setdefault(workers.index(worker), set()).add(res["pid"])
+            nodes.setdefault(workers.index(worker), set()).add(res["node"])
             bar.update(1)
             bar.set_postfix(steps_per_s=f"{summary['steps'] / max(1e-9, time.time() - t0):.1f}",
                             success=f"{summary['successes'] / summary['episodes_run']:.2f}")
@@ -194,5 +202,6 @@ def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, 
         for w in workers:
             ray.kill(w, no_restart=True)
     wall = time.time() - t0
-    return {**summary, "worker_pids": {i: sorted(p) for i, p in pids.items()}, "wall_s": wall, "steps_per_s": summary["steps"] / max(wall, 1e-9),
+    return {**summary, "worker_pids": {i: sorted(p) for i, p in pids.items()},
+            "worker_nodes": {i: sorted(n) for i, n in nodes.items()}, "wall_s": wall, "steps_per_s": summary["steps"] / max(wall, 1e-9),
             "success_rate": summary["successes"] / max(1, summary["episodes_run"])}

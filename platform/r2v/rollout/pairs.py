@@ -14,6 +14,7 @@ from typing import Any
 from r2v.config import R2VConfig
 from r2v.data import ShardStore
 from r2v.envs.base import Env
+from r2v.experiment import Experiment, is_model_dir
 from r2v.policies.base import Decision, StepContext
 from r2v.policies.prompts import prompt_from_row
 
@@ -45,14 +46,6 @@ class PairProbeFactory:
         from r2v.verifier import make_verifier
 
         return PairProbeAgent(RemoteSLM(self.server), make_verifier(cfg), make_teacher(cfg))
-
-
-def probe_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "rollouts" / "pair-probes"
-
-
-def pairs_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "pairs"
 
 
 def pairs_from_probes(cfg: R2VConfig, probes) -> list[dict[str, Any]]:
@@ -95,21 +88,22 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
-    from r2v.rollout.stage import collection_inputs, latest_policy_dir, tasks_by_split
+    from r2v.rollout.stage import collection_inputs, tasks_by_split
 
     init_ray(cfg)
-    bc_dir = cfg.experiment_dir / "models" / "bc"
-    model_dir = str(bc_dir) if (bc_dir / "config.json").is_file() else latest_policy_dir(cfg)
+    exp = Experiment(cfg)
+    bc_dir = exp.model("bc")  # pairs probe the BC policy (DPO's reference), else what is deployed
+    model_dir = str(bc_dir) if is_model_dir(bc_dir) else str(exp.deployed_policy_dir())
     units = plan_units(tasks_by_split(cfg, ["train"]), list(cfg.dpo.perturbation_seeds), 1, "pair-probe")
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     try:
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
-        summary = collect(cfg, units, PairProbeFactory(model_dir, server), probe_dir(cfg), inputs=inputs)
+        summary = collect(cfg, units, PairProbeFactory(model_dir, server), exp.pair_probes, inputs=inputs)
     finally:
         ray.kill(server)
-    probes = ShardStore(probe_dir(cfg), "steps").read_pandas()
+    probes = ShardStore(exp.pair_probes, "steps").read_pandas()
     pairs = pairs_from_probes(cfg, probes)
-    store = ShardStore(pairs_dir(cfg), "pairs")
+    store = ShardStore(exp.pairs, "pairs")
     for old in store.files():
         old.unlink()  # pairs are derived whole from the probes: rebuild, never mix generations
     if pairs:

@@ -1,16 +1,21 @@
 """`collect-router`: the frozen SLM's residual failures, turned into router training rows.
 
-1. The SLM (with the verifier picking among its candidates, never escalating) plays every train/val/test
-   task under each of `router.rollout_seeds`; every step records its router features.
-2. Counterfactual branches: at up to `router.branch_steps_per_episode` sampled steps of each *failed* SLM
-   episode, the episode is replayed to that step under the same seed, the teacher takes that step and the
-   next `router.branch_teacher_steps` - 1 (m = 1: just this step), and the SLM continues. Label 1 where the teacher branch succeeds and the SLM branch failed. The SLM branch is
-   the recorded episode itself: rank-mode SLM and verifier are deterministic given the seed, so replaying
-   it would reproduce it (in `generate` mode it is re-run as a branch with zero teacher steps). Steps of
-   successful SLM episodes are label 0 (the SLM already succeeds from there).
-3. One `router_rows` shard per split, with both labels: `episode_failed` and `branch_label`.
-Everything is a shard keyed by its unit (branches of each m in their own folder), so an interrupted stage
-resumes where it stopped.
+1. The SLM (never escalating) plays every val/test task (and train tasks when the router is fitted there)
+   under each of `router.rollout_seeds`; every step records its router features.
+2. Every step gets three labels, each under a stated definition (`router.label` picks the one fitted):
+   - `episode_failed` (episode): the SLM episode failed; broadcast to all of its steps.
+   - `step_label` (step, the paper's step label): the SLM's action differs from the reference action the
+     environment exposes at that state (TextWorld's re-planned walkthrough); null where there is none.
+   - `branch_label` (branch, counterfactual): on a seeded sample of `router.branch_steps_per_episode` steps
+     of *every* episode, 1 iff the teacher taking this step and the next `router.branch_teacher_steps` - 1
+     wins where the SLM from here loses. Steps of a successful SLM episode need no branch (the SLM already
+     wins from there: 0); sampled steps of failed episodes are replayed under the same seed with the teacher
+     acting. Each sampled row carries `label_weight` = episode length / sampled steps, so the weighted rows
+     stand for every step of every episode (sampling only failed episodes, or all steps of successful ones,
+     would let time features such as `step` separate the classes without knowing risk). In `rank` mode the
+     SLM branch is the recorded episode (deterministic given the seed); in `generate` mode it is re-run.
+3. One `router_rows` shard per split. Everything is a shard keyed by its unit (branches of each m in their
+   own folder), so an interrupted stage resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ from r2v.data import ShardStore
 from r2v.envs.base import stable_seed
 from r2v.router.features import FEATURE_VERSION
 from r2v.rollout.engine import Unit, collect, plan_units
-from r2v.rollout.stage import collection_inputs, latest_policy_dir, tasks_by_split
+from r2v.experiment import Experiment
+from r2v.rollout.stage import collection_inputs, tasks_by_split
 
 SPLITS = ["train", "val", "test"]
 
@@ -47,32 +53,24 @@ class RoutedAgentFactory:
         return RoutedAgent(slm, make_verifier(cfg), self.router, teacher, cfg.policy.select, self.budget, self.name)
 
 
-def slm_rollout_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "rollouts" / "slm-router"
-
-
-def branch_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "rollouts" / f"branches-m{cfg.router.branch_teacher_steps}"
-
-
-def router_rows_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "router"
+def branch_picks(cfg: R2VConfig, episode_id: str, length: int) -> list[int]:
+    """The steps of an episode that get a branch label: a seeded sample of `router.branch_steps_per_episode`
+    (all of them when the episode is that short)."""
+    n = min(cfg.router.branch_steps_per_episode, length)
+    return sorted(random.Random(stable_seed("branch", episode_id)).sample(range(length), n))
 
 
 def branch_units(cfg: R2VConfig, steps_df, tasks_by_id) -> list[Unit]:
-    """Teacher branches at sampled steps of every failed SLM episode (seeded by the episode id)."""
+    """Teacher branches at the sampled steps of every failed SLM episode (successful ones need none)."""
     units = []
     regenerate_slm = cfg.policy.mode != "rank"
     for episode_id, ep in steps_df.groupby("episode_id", sort=True):
-        ep = ep.sort_values("step")
         if bool(ep["episode_success"].iloc[0]):
             continue
-        actions = list(ep["action"])
-        n = min(cfg.router.branch_steps_per_episode, len(actions))
-        picks = sorted(random.Random(stable_seed("branch", episode_id)).sample(range(len(actions)), n))
+        actions = list(ep.sort_values("step")["action"])
         first = ep.iloc[0]
         task = tasks_by_id[first["task_id"]]
-        for t in picks:
+        for t in branch_picks(cfg, episode_id, len(actions)):
             units.append(Unit(task, first["split"], int(first["perturbation_seed"]), 0, "branch",
                               prefix=tuple(actions[:t]), teacher_steps=cfg.router.branch_teacher_steps))
             if regenerate_slm:
@@ -82,7 +80,7 @@ def branch_units(cfg: R2VConfig, steps_df, tasks_by_id) -> list[Unit]:
 
 
 def label_rows(cfg: R2VConfig, steps_df, branches_df) -> list[dict[str, Any]]:
-    """Router rows (ROUTER_ROWS_V1) for every SLM step, with episode and branch labels."""
+    """Router rows (ROUTER_ROWS_V2) for every SLM step, with its episode, step and branch labels."""
     outcome: dict[tuple, bool] = {}
     slm_outcome: dict[tuple, bool] = {}
     for _, b in branches_df.groupby("episode_id"):
@@ -90,17 +88,22 @@ def label_rows(cfg: R2VConfig, steps_df, branches_df) -> list[dict[str, Any]]:
         policy, at = first["policy"].split("@")
         key = (first["task_id"], int(first["perturbation_seed"]), int(at))
         (outcome if policy == "branch" else slm_outcome)[key] = bool(first["episode_success"])
+    lengths = steps_df.groupby("episode_id")["step"].size()
+    picked = {(e, t) for e, n in lengths.items() for t in branch_picks(cfg, e, int(n))}
     rows = []
     for r in steps_df.itertuples(index=False):
         key = (r.task_id, int(r.perturbation_seed), int(r.step))
         slm_success = bool(r.episode_success) if key not in slm_outcome else slm_outcome[key]
         teacher_success = outcome.get(key)
-        if bool(r.episode_success):
-            label = False
-        elif teacher_success is not None:
-            label = bool(teacher_success and not slm_success)
-        else:
-            label = None
+        label, weight = None, None
+        if (r.episode_id, int(r.step)) in picked:
+            n = int(lengths[r.episode_id])
+            weight = n / min(n, cfg.router.branch_steps_per_episode)
+            if bool(r.episode_success):
+                label = False  # the SLM wins from here: the teacher cannot do better
+            elif teacher_success is not None:
+                label = bool(teacher_success and not slm_success)
+        reference = getattr(r, "oracle_action", None)
         rows.append({
             "experiment": cfg.experiment, "env": r.env, "task_id": r.task_id, "split": r.split,
             "episode_id": r.episode_id, "perturbation_seed": int(r.perturbation_seed), "step": int(r.step),
@@ -108,6 +111,8 @@ def label_rows(cfg: R2VConfig, steps_df, branches_df) -> list[dict[str, Any]]:
             "episode_failed": not bool(r.episode_success), "branch_label": label,
             "slm_branch_success": slm_success if label is not None else None,
             "teacher_branch_success": teacher_success,
+            "step_label": None if reference is None or reference != reference else bool(r.action != reference),
+            "label_weight": weight if label is not None else None,
         })
     return rows
 
@@ -121,25 +126,26 @@ def run_collect_router(cfg: R2VConfig) -> dict[str, Any]:
     from r2v.router.baselines import make_router
 
     init_ray(cfg)
-    model_dir = latest_policy_dir(cfg)
+    exp = Experiment(cfg)
+    model_dir = str(exp.deployed_policy_dir())
     splits = [s for s in SPLITS if s in {cfg.router.fit_split, "val", "test"}]  # train rows only when fitted on
     tasks = tasks_by_split(cfg, splits)
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     factory = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False, name="slm")
     try:
         units = plan_units(tasks, list(cfg.router.rollout_seeds), 1, "slm")
-        inputs = collection_inputs(cfg, ("env", "policy", "verifier"), (model_dir,))
-        slm_summary = collect(cfg, units, factory, slm_rollout_dir(cfg), inputs=inputs)
-        steps_df = ShardStore(slm_rollout_dir(cfg), "steps").read_pandas()
+        inputs = collection_inputs(cfg, ("env", "policy", "verifier"), (model_dir,), features=FEATURE_VERSION)
+        slm_summary = collect(cfg, units, factory, exp.slm_router_rollouts, inputs=inputs)
+        steps_df = ShardStore(exp.slm_router_rollouts, "steps").read_pandas()
         by_id = {t.task_id: t for t in load_tasks(cfg.env)}
         branches = branch_units(cfg, steps_df, by_id)
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
-        branch_summary = (collect(cfg, branches, factory, branch_dir(cfg), inputs=inputs) if branches
+        branch_summary = (collect(cfg, branches, factory, exp.branches, inputs=inputs) if branches
                           else {"episodes_run": 0})
     finally:
         ray.kill(server)
-    branches_df = ShardStore(branch_dir(cfg), "steps").read_pandas()
-    store = ShardStore(router_rows_dir(cfg), "router_rows")
+    branches_df = ShardStore(exp.branches, "steps").read_pandas()
+    store = ShardStore(exp.router_rows, "router_rows")
     summary: dict[str, Any] = {"model": model_dir, "slm_episodes": slm_summary["episodes_requested"],
                                "branch_episodes": len(branches), "wall_slm_s": slm_summary.get("wall_s", 0.0),
                                "wall_branch_s": branch_summary.get("wall_s", 0.0)}

@@ -8,6 +8,7 @@ from r2v.envs.base import Task
 from r2v.envs.registry import load_tasks
 from r2v.envs.stage import read_splits
 from r2v.errors import R2VError
+from r2v.experiment import Experiment
 from r2v.rollout.engine import collect, plan_units
 
 
@@ -42,19 +43,6 @@ def collection_inputs(cfg: R2VConfig, sections: tuple[str, ...], models: tuple[s
             "history_steps": cfg.policy.history_steps, **extra}
 
 
-def rollout_dir(cfg: R2VConfig, policy: str):
-    return cfg.experiment_dir / "rollouts" / policy
-
-
-def latest_policy_dir(cfg: R2VConfig) -> str:
-    """The most trained SLM of this experiment: models/dpo, else models/bc, else `model.path`."""
-    for stage in ("dpo", "bc"):
-        path = cfg.experiment_dir / "models" / stage
-        if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-            return str(path)
-    return cfg.model.path
-
-
 def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | None = None,
                 seeds: list[int] | None = None, model_dir: str | None = None) -> dict[str, Any]:
     """Collect `policy` episodes (teacher | slm) on the given splits under the given perturbation seeds.
@@ -69,15 +57,15 @@ def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | N
     units = plan_units(tasks, seeds, cfg.collect.episodes_per_task, policy)
     if policy == "teacher":
         inputs = collection_inputs(cfg, ("env", "teacher"), epsilon=cfg.collect.teacher_epsilon)
-        return collect(cfg, units, teacher_agent, rollout_dir(cfg, policy), inputs=inputs)
+        return collect(cfg, units, teacher_agent, Experiment(cfg).rollouts(policy), inputs=inputs)
     if policy == "slm":
         from r2v.policies.slm import SLMAgentFactory, start_slm_server
 
         init_ray(cfg)
-        path = model_dir or latest_policy_dir(cfg)
+        path = model_dir or str(Experiment(cfg).deployed_policy_dir())
         server = start_slm_server(cfg, path, cfg.collect.num_workers)
         try:
-            summary = collect(cfg, units, SLMAgentFactory(path, server), rollout_dir(cfg, policy),
+            summary = collect(cfg, units, SLMAgentFactory(path, server), Experiment(cfg).rollouts(policy),
                               inputs=collection_inputs(cfg, ("env", "policy", "model"), (path,)))
         finally:
             ray.kill(server)

@@ -1,8 +1,8 @@
 """Routers behind one interface and a name registry (RouteLLM's shape): each scores a step with
 `risk(features) -> float`, higher = more reason to call the LLM, and escalates when risk ≥ threshold.
 
-`features` is `features_by_name(vec)` of the SLM's proposal (FEATURE_NAMES), plus, for the oracle router,
-`slm_disagrees_with_oracle`. Thresholded routers can be calibrated to a target LLM-call rate on
+`features` is `features_by_name(vec)` of the SLM's proposal (FEATURE_NAMES), plus, for the oracle_teacher
+router, `slm_disagrees_with_oracle`. Thresholded routers can be calibrated to a target LLM-call rate on
 validation rows with the same `budget_threshold` as r2v, so methods are compared at matched budgets.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Router:
 
     name = "router"
     fixed = False
+    needs_oracle_action = False  # True: the caller must add features[ORACLE_KEY] from the live env
 
     def __init__(self, threshold: float = 0.5, strict: bool = False):
         self.threshold = float(threshold)
@@ -41,6 +42,11 @@ class Router:
 
     def reset(self) -> None:
         """A new episode starts (routers with per-episode state override this)."""
+
+    def prepare(self, rows: Sequence[dict[str, float]]) -> "Router":
+        """Learn what the rule needs from unlabelled calibration steps before routing (steer fits its
+        mixture here); the other routers need nothing. Returns the router."""
+        return self
 
     def risks(self, rows: Sequence[dict[str, float]], episode_ids: Sequence[Any] | None = None) -> np.ndarray:
         """Risk of many logged steps at once (offline: calibration, sweeps)."""
@@ -189,24 +195,119 @@ class VerifierRouter(Router):
         return 1.0 - _get(features, "verifier_best")
 
 
-@register("oracle")
-class OracleRouter(Router):
-    """Hindsight upper reference: escalates exactly when the SLM's proposal differs from the env oracle's
-    action (the caller sets features['slm_disagrees_with_oracle'])."""
+@register("oracle_teacher")
+class OracleTeacherRouter(Router):
+    """Hindsight reference that only means something with `teacher.kind: oracle`: escalates exactly when
+    the SLM's proposal differs from the env oracle's action, which is then the teacher's own action, so it
+    never escalates a step the teacher would not change (the caller sets features['slm_disagrees_with_oracle']).
+    With any other teacher it measures agreement with the env's oracle, not the teacher's value."""
 
     fixed = True
+    needs_oracle_action = True  # the routed agent must fill ORACLE_KEY from the live env; no offline rows have it
 
     def __init__(self):
         super().__init__(threshold=1.0)
 
     def risk(self, features: dict[str, float]) -> float:
         if ORACLE_KEY not in features:
-            raise R2VError(f"oracle router needs features[{ORACLE_KEY!r}] (1.0 when the SLM's action differs from "
-                           f"env.oracle_action()); the routed agent must set it")
+            raise R2VError(f"oracle_teacher router needs features[{ORACLE_KEY!r}] (1.0 when the SLM's action differs "
+                           f"from env.oracle_action()); the routed agent must set it")
         return float(features[ORACLE_KEY])
 
     def config(self) -> dict[str, Any]:
         return {}
+
+
+@register("steer")
+class SteerRouter(Router):
+    """Training-free step router in the style of STEER (arXiv 2511.06190). The SLM's own step confidence
+    (default `proposal_prob`: the softmax mass of its proposal among its candidates) is modelled, without
+    labels, as a two-component 1-D Gaussian mixture fitted by EM on calibration steps (`prepare`/`fit`);
+    risk = the posterior of the low-confidence component, as log-odds (threshold 0 = posterior 0.5;
+    `posterior` gives the probability, which rounds to 1.0 for clearly unsure steps and would leave a budget
+    nothing to rank). One shared variance makes the log-odds linear in the confidence, so risk falls strictly
+    as confidence rises (separate variances turn the posterior back up in the wider component's tail).
+    `calibrate` re-fits on the calibration rows, then sets τ to the budget like every other router."""
+
+    def __init__(self, confidence: str = "proposal_prob", means: Sequence[float] | None = None,
+                 std: float | None = None, weights: Sequence[float] | None = None, threshold: float = 0.0,
+                 strict: bool = False):
+        super().__init__(threshold, strict)
+        if confidence not in FEATURE_NAMES:
+            raise R2VError(f"steer router: confidence {confidence!r} is not a feature; pick one of {FEATURE_NAMES}")
+        self.confidence = confidence
+        self.means = None if means is None else [float(m) for m in means]
+        self.std = None if std is None else float(std)
+        self.weights = None if weights is None else [float(w) for w in weights]
+
+    def prepare(self, rows: Sequence[dict[str, float]]) -> "SteerRouter":
+        return self.fit(rows)
+
+    def fit(self, rows: Sequence[dict[str, float]], max_iter: int = 500, tol: float = 1e-8) -> "SteerRouter":
+        """EM on the rows' confidences (no labels); the threshold is left as it is."""
+        x = np.asarray([_get(r, self.confidence) for r in rows], dtype=np.float64)
+        if len(x) < 2:
+            raise R2VError(f"steer router: {len(x)} calibration steps; EM needs at least 2 (collect router rows)")
+        means, self.std, weights = fit_gmm2(x, max_iter, tol)
+        self.means, self.weights = means.tolist(), weights.tolist()
+        return self
+
+    def risks(self, rows, episode_ids=None) -> np.ndarray:
+        if self.means is None:
+            raise R2VError("steer router is not fitted: `prepare` (or `calibrate`) it on calibration router rows "
+                           "first")
+        x = np.asarray([_get(r, self.confidence) for r in rows], dtype=np.float64)
+        return gmm2_low_logodds(x, self.means, self.std, self.weights)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return float(self.risks([features])[0])
+
+    def posterior(self, rows: Sequence[dict[str, float]]) -> np.ndarray:
+        """P(low-confidence component | confidence) of each row."""
+        return 1.0 / (1.0 + np.exp(-self.risks(rows)))
+
+    def calibrate(self, rows, budget, episode_ids=None):
+        self.fit(rows)
+        return super().calibrate(rows, budget, episode_ids)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "confidence": self.confidence, "means": self.means, "std": self.std,
+                "weights": self.weights}
+
+
+def fit_gmm2(x: np.ndarray, max_iter: int = 500, tol: float = 1e-8) -> tuple[np.ndarray, float, np.ndarray]:
+    """(means sorted low → high, shared std, weights) of a 2-component 1-D Gaussian mixture with one shared
+    variance, by EM from the quartiles. The variance has a floor so that identical values cannot collapse it."""
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    floor = max(1e-6, 1e-3 * float(x.std()))
+    mu = np.quantile(x, [0.25, 0.75])
+    var = max(float(x.var()), floor ** 2)
+    w = np.array([0.5, 0.5])
+    prev = -np.inf
+    for _ in range(max_iter):
+        # E step in log space: log w_k + log N(x | mu_k, var)
+        logp = np.log(w)[None, :] - 0.5 * (x[:, None] - mu[None, :]) ** 2 / var - 0.5 * np.log(2 * np.pi * var)
+        norm = np.logaddexp(logp[:, 0], logp[:, 1])
+        r = np.exp(logp - norm[:, None])
+        ll = float(norm.mean())
+        # M step
+        nk = r.sum(axis=0) + 1e-12
+        w = np.clip(nk / len(x), 1e-6, 1.0)
+        w = w / w.sum()
+        mu = (r * x[:, None]).sum(axis=0) / nk
+        var = max(float((r * (x[:, None] - mu[None, :]) ** 2).sum() / len(x)), floor ** 2)
+        if ll - prev < tol:
+            break
+        prev = ll
+    order = np.argsort(mu)
+    return mu[order], float(np.sqrt(var)), w[order]
+
+
+def gmm2_low_logodds(x: np.ndarray, means: Sequence[float], std: float, weights: Sequence[float]) -> np.ndarray:
+    """log P(low | x) − log P(high | x) for a shared-variance 2-component mixture: linear in x."""
+    x = np.asarray(x, dtype=np.float64)
+    m0, m1 = float(means[0]), float(means[1])
+    return np.log(weights[0]) - np.log(weights[1]) + ((x - m1) ** 2 - (x - m0) ** 2) / (2.0 * std ** 2)
 
 
 @register("r2v")
@@ -352,5 +453,6 @@ def load_router(directory: str | Path) -> Router:
 
 
 __all__ = ["Router", "ROUTERS", "register", "make_router", "SLMOnlyRouter", "LLMOnlyRouter", "RandomRouter",
-           "EntropyRouter", "HeuristicRouter", "VerifierRouter", "OracleRouter", "R2VRouter", "PreExecutionRouter",
-           "first_step_rows", "rows_from_matrix", "save_router", "load_router", "ORACLE_KEY"]
+           "EntropyRouter", "HeuristicRouter", "VerifierRouter", "OracleTeacherRouter", "SteerRouter", "R2VRouter",
+           "PreExecutionRouter", "fit_gmm2", "gmm2_low_logodds", "first_step_rows", "rows_from_matrix",
+           "save_router", "load_router", "ORACLE_KEY"]

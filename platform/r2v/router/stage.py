@@ -11,18 +11,14 @@ import numpy as np
 from r2v.config import R2VConfig
 from r2v.data import ShardStore
 from r2v.errors import R2VError
-
-
-def router_dir(cfg: R2VConfig):
-    return cfg.experiment_dir / "models" / "router"
+from r2v.experiment import Experiment
 
 
 def read_router_rows(cfg: R2VConfig):
-    from r2v.rollout.router_rows import router_rows_dir
-
-    df = ShardStore(router_rows_dir(cfg), "router_rows").read_pandas()
+    rows_dir = Experiment(cfg).router_rows
+    df = ShardStore(rows_dir, "router_rows").read_pandas()
     if df.empty:
-        raise R2VError(f"no router rows under {router_rows_dir(cfg)}: run `r2v collect-router` first")
+        raise R2VError(f"no router rows under {rows_dir}: run `r2v collect-router` first")
     return df
 
 
@@ -62,16 +58,24 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
     train, val = split_data(cfg, df, "fit"), split_data(cfg, df, "calibration")
     model = RiskModel(train.X.shape[1], cfg.router)
     history = model.fit(train, val, cfg.router, seed=cfg.seed)
-    out = router_dir(cfg)
+    from r2v.tracking import Tracker
+
+    Tracker(cfg).log_history(history)  # λ, the CVaR violation and the Brier per epoch, as MLflow curves
+    out = Experiment(cfg).model("router")
     pre = make_router("pre_execution").fit(split_data(cfg, df, "fit", "episode"))
     save_router(pre, out / "pre_execution")
-    apply_step_threshold(model, model.predict(step_features(router_part(cfg, df, "calibration"))), cfg.router)
+    p_steps = model.predict(step_features(router_part(cfg, df, "calibration")))
+    apply_step_threshold(model, p_steps, cfg.router)
+    if cfg.router.threshold == "budget":
+        set_live_threshold(cfg, model, cfg.router.budget, p_steps)
     p_val = model.predict(val.X)
     summary = {"train_rows": len(train), "val_rows": len(val), "train_positive_rate": float(train.y.mean()),
                "threshold": float(model.threshold), "temperature": float(model.temperature),
                "val_escalation_rate": float(np.mean(p_val >= model.threshold)),
                "val_brier": float(brier(p_val, val.y)), "val_ece": float(ece(p_val, val.y)),
                "epochs": len(history) - 1}
+    if "live_rate" in model.threshold_info:
+        summary["budget"], summary["calibration_call_rate"] = cfg.router.budget, model.threshold_info["live_rate"]
     model.save(out)
     if 0 < val.y.mean() < 1:
         summary["val_auroc"] = float(auroc(p_val, val.y))
@@ -83,32 +87,39 @@ def step_features(part) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32) for v in part["features"]])
 
 
+def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray) -> dict[str, Any]:
+    """Set a trained risk model's τ so that routed episodes on the calibration games escalate `budget` of
+    their steps (see r2v.rollout.live_budget); records the search in model.threshold_info."""
+    from r2v.rollout.live_budget import calibrate_live
+    from r2v.router.baselines import make_router
+
+    router = make_router("r2v", model=model)
+    rec = calibrate_live(cfg, {"r2v": router}, {"r2v": budget}, {"r2v": p_steps})["r2v"]
+    model.threshold = rec["tau"]
+    model.threshold_info = {"kind": "budget", "budget": float(budget), "tau": rec["tau"], "live_rate": rec["rate"],
+                            "offline_rate": float(np.mean(p_steps >= rec["tau"])), "probes": rec["probes"],
+                            "calibrated_on": rec["calibrated_on"]}
+    return model.threshold_info
+
+
 def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = False) -> dict[str, Any]:
-    """Map a target LLM-call budget (share of steps escalated) to the trained router's threshold on the
-    validation rows, and report the rate that threshold realises on held-out test rows. `write` stores
-    the threshold in models/router so eval and serve use it."""
+    """Map a target LLM-call budget (the share of live routed steps the teacher acts on) to the trained
+    router's threshold by routed episodes on the calibration games; prints the rate they realised. `write`
+    stores the threshold in models/router so eval and serve use it."""
     from r2v.router.model import RiskModel
-    from r2v.router.thresholds import calibrate, realised_rate
 
     budget = cfg.router.budget if budget is None else budget
     if not 0 <= budget <= 1:
         raise R2VError(f"--budget {budget} must be a share of steps in [0, 1]")
-    model = RiskModel.load(router_dir(cfg))
-    df = read_router_rows(cfg)
-    parts = {"val": router_part(cfg, df, "calibration"), "test": df[df["split"] == "test"]}
-    feats = {k: step_features(part) for k, part in parts.items() if len(part)}
-    if "val" not in feats:
+    saved = Experiment(cfg).model("router")
+    model = RiskModel.load(saved)
+    cal = router_part(cfg, read_router_rows(cfg), "calibration")
+    if cal.empty:
         raise R2VError("no calibration router rows: run `r2v collect-router` with val tasks in the split")
-    tau, val_rate = calibrate(model.predict(feats["val"]), budget)
-    out = {"budget": budget, "threshold": float(tau), "val_call_rate": float(val_rate),
-           "val_steps": int(len(feats["val"]))}
-    if "test" in feats:
-        out["test_call_rate"] = float(realised_rate(model.predict(feats["test"]), tau))
-        out["test_steps"] = int(len(feats["test"]))
+    info = set_live_threshold(cfg, model, budget, model.predict(step_features(cal)))
+    out = {"budget": budget, "threshold": info["tau"], "calibration_call_rate": info["live_rate"],
+           "calibrated_on": info["calibrated_on"], "probes": info["probes"]}
     if write:
-        model.threshold, model.threshold_info = float(tau), {"kind": "budget", "budget": budget, "tau": float(tau),
-                                                             "calibrated_on": "every calibration step",
-                                                             "val_rate": float(val_rate)}
-        model.save(router_dir(cfg))
-        out["written_to"] = str(router_dir(cfg))
+        model.save(saved)
+        out["written_to"] = str(saved)
     return out

@@ -2,14 +2,16 @@
 
 Three ways to pick τ (`router.threshold`):
 - bayes:  τ* = (c_LLM − c_SLM)/κ, escalate when the expected failure cost p·κ exceeds the extra LLM cost;
-- budget: the τ whose escalation rate on validation is as close as possible to, and not above, a target
-          LLM-call rate (what users ask for: "call the big model on at most 20% of steps");
+- budget: the τ at which routed episodes on the calibration games escalate a target share of their steps
+          (what users ask for: "call the big model on 20% of steps"). Escalating changes the episodes
+          (they end sooner and avoid risky states), so the live rate of a τ is measured by routed rollouts:
+          `live_budget_search` below; `budget_threshold` is its offline starting point;
 - cvar:   the largest τ (fewest calls) whose realised CVaR_α of per-seed residual failure is ≤ ε.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -141,5 +143,77 @@ def apply_step_threshold(model: Any, p_steps: np.ndarray, cfg: Any) -> float:
     return float(model.threshold)
 
 
-__all__ = ["apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
+def live_tolerance(budget: float) -> float:
+    """How close to its budget a calibrated live rate must come: ±max(0.015, 10% of B) on calibration games,
+    half of what the evaluation accepts on held-out games (±max(0.03, 20% of B))."""
+    return max(0.015, 0.1 * budget)
+
+
+def live_budget_search(p_offline: dict[str, Any], budgets: dict[str, float],
+                       measure: Callable[[dict[str, float]], dict[str, tuple[float, Any]]], rounds: int = 4
+                       ) -> dict[str, dict[str, Any]]:
+    """For every name, the τ at which routed episodes escalate `budgets[name]` of their steps.
+
+    The live rate of a threshold is only known by playing routed episodes: `measure({name: τ})` returns
+    {name: (rate, risks of every step played)}, all names of a round in one batch. A fixed-point iteration:
+    start at the offline quantile τ_0 = budget_threshold(p_offline, B), then τ_{k+1} = the B-quantile of
+    the risks the routed episodes of τ_k met (at the fixed point exactly B of the live steps have risk ≥ τ),
+    accelerated by the secant through the last two probes.
+    The live rate falls as τ grows, so probes on both sides of B bracket the answer; a proposal outside the
+    bracket is replaced by its midpoint. A name stops once |rate − B| ≤ live_tolerance(B), when τ repeats,
+    or after `rounds`. Returns {name: {budget, tau, rate (the closest probe's), probes: [(τ, rate), ...]}}."""
+    for name, b in budgets.items():
+        if not 0.0 <= b <= 1.0:
+            raise R2VError(f"budget {b} for {name} must be an LLM-call rate in [0, 1]")
+    probes: dict[str, list[tuple[float, float]]] = {n: [] for n in budgets}
+    taus = {n: budget_threshold(p_offline[n], b) for n, b in budgets.items()}
+    for _ in range(max(1, rounds)):
+        if not taus:
+            break
+        measured = measure(taus)
+        nxt = {}
+        for n, tau in taus.items():
+            B = budgets[n]
+            rate, risks = measured[n]
+            probes[n].append((float(tau), float(rate)))
+            if abs(rate - B) <= live_tolerance(B) or len(np.asarray(risks)) == 0:
+                continue
+            proposal = _bracketed(_propose(probes[n], risks, B), probes[n], B)
+            if proposal not in {t for t, _ in probes[n]}:
+                nxt[n] = proposal
+        taus = nxt
+    out = {}
+    for n, B in budgets.items():
+        tau, rate = min(probes[n], key=lambda p: (abs(p[1] - B), p[1]))
+        out[n] = {"budget": float(B), "tau": tau, "rate": rate, "probes": probes[n]}
+    return out
+
+
+def _propose(probes: list[tuple[float, float]], risks: Any, budget: float) -> float:
+    """The next τ: the B-quantile of the risks the last probe met (the fixed-point step); from the second
+    probe on, the secant through the last two probes (capped at twice the fixed-point step) when it moves further the same way (the fixed-point
+    steps approach B from one side, slowly, because escalating lowers the risks met later)."""
+    fixed = budget_threshold(risks, budget)
+    if len(probes) < 2:
+        return fixed
+    (t0, r0), (t1, r1) = probes[-2], probes[-1]
+    if r1 == r0 or t1 == t0:
+        return fixed
+    secant = t1 + (budget - r1) * (t1 - t0) / (r1 - r0)
+    if (secant - t1) * (fixed - t1) <= 0 or abs(secant - t1) <= abs(fixed - t1):
+        return fixed
+    return float(t1 + min(2.0, (secant - t1) / (fixed - t1)) * (fixed - t1))  # at most twice the fixed step
+
+
+def _bracketed(proposal: float, probes: list[tuple[float, float]], budget: float) -> float:
+    """`proposal`, or the bracket's midpoint when it falls outside (τ_low, τ_high): the thresholds known to
+    escalate too much and too little."""
+    low = max((t for t, r in probes if r > budget), default=-math.inf)
+    high = min((t for t, r in probes if r < budget), default=math.inf)
+    if low < proposal < high or not (math.isfinite(low) and math.isfinite(high)):
+        return float(proposal)
+    return float((low + high) / 2)
+
+
+__all__ = ["live_budget_search", "live_tolerance", "apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
            "select_threshold", "above"]

@@ -22,6 +22,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import os
 import time
 import uuid
@@ -84,12 +85,13 @@ class RouterDeployment:
 
         self.router, self.source = load_serving_router(cfg, models_dir)
 
-    def decide(self, features: dict[str, float]) -> dict[str, Any]:
+    def decide(self, features: dict[str, float], action: str = ""):
+        """r2v.policies.routed.route (StepCalls.route's shape; the proposed `action` only matters to the oracle
+        router, which cannot be served)."""
+        from r2v.policies.routed import route
+
         self.router.reset()  # no episode state across requests (per-session state lives in the features)
-        risk = float(self.router.risk(features))
-        thr = float(self.router.threshold)
-        escalate = risk > thr if self.router.strict else risk >= thr
-        return {"risk": risk, "threshold": thr, "escalate": bool(escalate), "router": self.router.name}
+        return route(self.router, features)
 
     def info(self) -> dict[str, Any]:
         return {"router": self.router.name, "threshold": float(self.router.threshold), "source": self.source,
@@ -104,12 +106,13 @@ class TeacherDeployment:
         self.teacher = load_teacher(cfg)
         self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.teacher.max_concurrency), thread_name_prefix="teacher")
 
-    async def act(self, ctx) -> dict[str, Any]:
+    async def act(self, ctx):
+        from r2v.policies.teachers import TeacherReply
         from r2v.serve.components import teacher_act
 
         loop = asyncio.get_running_loop()
         action, tokens, ms, err = await loop.run_in_executor(self.pool, teacher_act, self.teacher, ctx)
-        return {"action": action, "tokens": tokens, "latency_ms": ms, "error": err}
+        return TeacherReply(action, tokens, ms, err)
 
     def kind(self) -> str:
         return getattr(self.teacher, "kind", "?")
@@ -263,58 +266,60 @@ class Ingress:
                                 f"(send the most recent ones, or use a session)", code="history_too_long")
 
     # -- the routed step --------------------------------------------------------------------------
+    def _step_calls(self, ctx, out: dict[str, Any]):
+        """The deployments as r2v.policies.routed.StepCalls. In rank mode the candidates are admissible
+        actions and the verifier scores each on its own, so every admissible action is verified while the SLM
+        runs (one sequential hop less). A failed verifier call routes on the SLM's scores alone
+        (`verifier_error`); a dead teacher replica fails the call, which routed_step degrades."""
+        from r2v.policies.routed import StepCalls
+
+        admissible = list(ctx.observation.admissible or [])
+        pending = self.verifier.score.remote(ctx, admissible) if admissible and self.s["speculative_verify"] else None
+
+        async def verify(c, texts: list[str]):
+            try:
+                known = dict(zip(admissible, await pending)) if pending is not None else {}
+                missing = [t for t in texts if t not in known]
+                if missing:
+                    known.update(zip(missing, await self.verifier.score.remote(c, missing)))
+                return [known[t] for t in texts]
+            except Exception as e:  # noqa: BLE001 - a server answers; the router sees neutral verifier scores
+                out["verifier_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                return None
+
+        return StepCalls(slm=lambda c: self._call("slm", self.slm.act, c), verify=verify,
+                         route=lambda f, a: self._call("router", self.router.decide, f, a),
+                         teacher=lambda c: self.teacher.act.remote(c))
+
     async def _decide(self, ctx, mode: str, tracker, budget_left: int | None, endpoint: str) -> dict[str, Any]:
-        from r2v.policies.routed import propose
-        from r2v.router.features import features_by_name
+        """`routed`: r2v.policies.routed.routed_step (the same step eval runs); `slm`: the SLM's likeliest
+        candidate alone. Returns the response fields (`escalated` as defined in r2v.policies.routed)."""
+        from r2v.policies.routed import routed_step
 
         t0 = time.perf_counter()
-        admissible = list(ctx.observation.admissible or [])
-        # In rank mode the candidates are admissible actions and the verifier scores each candidate on its
-        # own, so every admissible action can be verified while the SLM runs: one sequential hop less.
-        speculative = mode == "routed" and bool(admissible) and self.s["speculative_verify"]
-        pending = self.verifier.score.remote(ctx, admissible) if speculative else None
-        d = await self._call("slm", self.slm.act, ctx)
         out: dict[str, Any] = {"risk": None, "threshold": None, "router": None, "escalated": False,
-                               "escalation_error": None, "budget_exhausted": False, "teacher_tokens": 0}
+                               "escalation_error": None, "budget_exhausted": False, "llm_call": False}
         if mode == "routed":
-            if d.candidates:
-                try:
-                    known = dict(zip(admissible, await pending)) if pending is not None else {}
-                    missing = [c.text for c in d.candidates if c.text not in known]
-                    if missing:
-                        known.update(zip(missing, await self.verifier.score.remote(ctx, missing)))
-                    for c in d.candidates:
-                        c.verifier_score = float(known[c.text])
-                except Exception as e:  # noqa: BLE001 - route on the SLM's scores alone
-                    out["verifier_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            d = propose(d, self.s["select"])
-            feats = tracker.features(ctx, d)
-            r = await self._call("router", self.router.decide, features_by_name(feats))
-            out.update(risk=r["risk"], threshold=r["threshold"], router=r["router"])
-            if r["escalate"]:
-                if budget_left is not None and budget_left <= 0:
-                    out["budget_exhausted"] = True
-                    self.counts["budget_exhausted"] += 1
-                    self.m_budget.inc()
-                else:
-                    try:
-                        reply = await self.teacher.act.remote(ctx)
-                    except Exception as e:  # noqa: BLE001 - a dead teacher replica degrades like a failed call
-                        reply = {"action": None, "tokens": 0, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-                    out["teacher_tokens"] = int(reply.get("tokens") or 0)
-                    if reply.get("action"):
-                        d.action, d.actor = reply["action"], "teacher"
-                        out["escalated"] = True
-                        self.counts["escalations"] += 1
-                        self.m_escalations.inc(tags={"endpoint": endpoint})
-                    else:
-                        out["escalation_error"] = reply.get("error") or "teacher returned no action"
-                        self.counts["teacher_errors"] += 1
-                        self.m_teacher_errors.inc(tags={"endpoint": endpoint})
+            step = await routed_step(ctx, self._step_calls(ctx, out), tracker, self.s["select"], budget_left)
+            d = step.decision
+            out.update(threshold=step.threshold if math.isfinite(step.threshold) else None,  # JSON has no inf
+                       router=step.router, budget_exhausted=step.budget_exhausted, llm_call=step.llm_call)
+            if d.escalated:
+                self.counts["escalations"] += 1
+                self.m_escalations.inc(tags={"endpoint": endpoint})
+            if d.escalation_error is not None:
+                self.counts["teacher_errors"] += 1
+                self.m_teacher_errors.inc(tags={"endpoint": endpoint})
+            if step.budget_exhausted:
+                self.counts["budget_exhausted"] += 1
+                self.m_budget.inc()
+        else:
+            d = await self._call("slm", self.slm.act, ctx)
         self.counts[f"steps_{mode}"] += 1
         self.m_steps.inc(tags={"endpoint": endpoint, "mode": mode})
-        out.update(action=d.action, actor=d.actor, mode=mode, entropy=d.entropy,
-                   candidates=[c.as_row() for c in d.candidates],
+        out.update(action=d.action, actor=d.actor, mode=mode, risk=d.risk, escalated=d.escalated,
+                   escalation_error=d.escalation_error, teacher_tokens=d.teacher_tokens, entropy=d.entropy,
+                   features=d.features, candidates=[c.as_row() for c in d.candidates],
                    latency_ms=round((time.perf_counter() - t0) * 1e3, 3))
         return out
 
@@ -366,18 +371,16 @@ class Ingress:
                 state.tracker.update(state.pending_action, info)
             limit = int(self.s["max_history"])
             state.history = state.history[-limit:]
-            state.tracker.actions = state.tracker.actions[-limit:]
-            state.tracker.tool_failures = state.tracker.tool_failures[-limit:]
-            state.tracker.best_verifier = state.tracker.best_verifier[-limit:]
+            state.tracker.trim(limit)
             ctx = make_context(state.goal, req.observation, req.admissible, list(state.history), state.step,
                                state.max_steps, self.s["env_name"], state.task_id, info, req.observation_truncated)
             out = await self._decide(ctx, req.mode, state.tracker, state.budget_left, "session")
             state.step += 1
             state.pending_action = out["action"]
-            state.llm_calls += int(out["escalated"])
+            state.llm_calls += int(out["llm_call"])
             state.teacher_errors += int(out["escalation_error"] is not None)
             state.teacher_tokens += out["teacher_tokens"]
-            state.cost += self.s["cost_slm"] + (self.s["cost_llm"] if out["escalated"] else 0.0)
+            state.cost += self.s["cost_slm"] + (self.s["cost_llm"] if out["llm_call"] else 0.0)
             state.cost_usd += out["teacher_tokens"] * self.s["cost_per_1k_tokens"] / 1000.0
             out["session"] = state.summary()
             done = state
@@ -438,20 +441,36 @@ OPTION_KEYS = {"num_replicas", "autoscaling_config", "max_ongoing_requests", "ma
                "placement_group_strategy", "max_replicas_per_node", "user_config", "logging_config"}
 
 
-def _cluster_gpus() -> float:
-    try:
-        import ray
+def _cluster_resources() -> dict[str, float]:
+    """What the Ray cluster this process is connected to has ({} when Ray is not initialised)."""
+    import ray
 
-        return float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0
-    except Exception:  # noqa: BLE001
-        return 0.0
+    return dict(ray.cluster_resources()) if ray.is_initialized() else {}
 
 
-def deployment_options(cfg: R2VConfig) -> dict[str, dict[str, Any]]:
-    """Serve options per deployment: defaults (num_cpus_per_replica, SLM on a GPU when the cluster has one
-    and model.device allows it) <- `serve.deployments[name]` (ray_actor_options merged key by key)."""
+def _max_replicas(opts: dict[str, Any]) -> int:
+    auto = opts.get("autoscaling_config")
+    if auto:
+        return max(1, int(auto.get("max_replicas", 1)), int(auto.get("min_replicas", 1)))
+    return max(1, int(opts.get("num_replicas", 1)))
+
+
+def auto_cpus_per_replica(cluster_cpus: float, replicas: int) -> float:
+    """1 CPU per replica when the cluster has them; otherwise an equal share (Serve's default of 1 CPU each
+    never schedules six deployments on a 2-core laptop). Ray counts resources in steps of 1e-4."""
+    if replicas <= 0 or cluster_cpus >= replicas:
+        return 1.0
+    return max(0.01, int(cluster_cpus / replicas * 100) / 100)
+
+
+def deployment_options(cfg: R2VConfig, resources: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """Serve options per deployment: defaults <- `serve.deployments[name]` (ray_actor_options merged key by
+    key). A replica's CPUs: its `ray_actor_options.num_cpus`, else `serve.num_cpus_per_replica`, else (null,
+    the default) sized from the cluster (`resources`, default `ray.cluster_resources()`): the CPUs not
+    claimed explicitly, shared by every replica (autoscaling: max_replicas) of the other deployments, at
+    most 1 each. The SLM gets a GPU when the cluster has one and model.device allows it."""
     sv = cfg.serve
-    cpus = {"num_cpus": float(sv.num_cpus_per_replica)}
+    resources = _cluster_resources() if resources is None else resources
     opts: dict[str, dict[str, Any]] = {
         "slm": {"num_replicas": 1, "max_ongoing_requests": max(64, 4 * sv.max_batch_size)},
         "verifier": {"num_replicas": 1, "max_ongoing_requests": 128},
@@ -461,8 +480,8 @@ def deployment_options(cfg: R2VConfig) -> dict[str, dict[str, Any]]:
         "ingress": {"num_replicas": 1, "max_ongoing_requests": 256},
     }
     for name in opts:
-        opts[name]["ray_actor_options"] = dict(cpus)
-    if cfg.model.device != "cpu" and _cluster_gpus() > 0:
+        opts[name]["ray_actor_options"] = {}
+    if cfg.model.device != "cpu" and resources.get("GPU", 0) > 0:
         opts["slm"]["ray_actor_options"]["num_gpus"] = 1
     unknown = set(sv.deployments) - set(DEPLOYMENTS)
     if unknown:
@@ -480,6 +499,16 @@ def deployment_options(cfg: R2VConfig) -> dict[str, dict[str, Any]]:
     s = opts["sessions"]
     if s.get("num_replicas", 1) != 1 or "autoscaling_config" in s:
         raise ConfigError("serve.deployments.sessions must keep one replica (it holds every session's state)")
+    unsized = [n for n in opts if "num_cpus" not in opts[n]["ray_actor_options"]]
+    if sv.num_cpus_per_replica is not None:
+        cpus = float(sv.num_cpus_per_replica)
+    else:
+        claimed = sum(float(o["ray_actor_options"]["num_cpus"]) * _max_replicas(o)
+                      for n, o in opts.items() if n not in unsized)
+        cpus = auto_cpus_per_replica(float(resources.get("CPU", 0)) - claimed if resources else float("inf"),
+                                     sum(_max_replicas(opts[n]) for n in unsized))
+    for name in unsized:
+        opts[name]["ray_actor_options"]["num_cpus"] = cpus
     return opts
 
 
@@ -552,20 +581,38 @@ def start(cfg: R2VConfig, models_dir: str | Path | None = None) -> dict[str, Any
             "auth": bool(cfg.serve.auth_token_env), "models_dir": str(models_dir or cfg.serve.models_dir)}
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_serve(cfg: R2VConfig) -> dict[str, Any]:
-    """`r2v serve --config ... [serve.models_dir=runs/<exp>/models]`: deploy, print the URL, block until
-    Ctrl-C (then shut Serve down) unless serve.block=false."""
-    summary = start(cfg)
-    print(f"[serve] r2v routed agent at {summary['url']} (OpenAI base_url {summary['openai_base_url']}, "
-          f"model r2v-routed); auth {'on' if summary['auth'] else 'off'}", flush=True)
-    if not cfg.serve.block:
+    """`r2v serve --config ... [serve.models_dir=runs/<exp>/models]`: deploy, print the URL, then serve until
+    Ctrl-C or SIGTERM, which shut Serve and Ray down (unless serve.block=false: return once the app is up)."""
+    import signal
+
+    from r2v.ray_utils import init_ray
+
+    def announce(summary: dict[str, Any]) -> dict[str, Any]:
+        print(f"[serve] r2v routed agent at {summary['url']} (OpenAI base_url {summary['openai_base_url']}, "
+              f"model r2v-routed); auth {'on' if summary['auth'] else 'off'}; Ctrl-C stops it", flush=True)
         return summary
+
+    if not cfg.serve.block:
+        return announce(start(cfg))
+    ray = init_ray(cfg)
+    # after ray.init, whose own SIGTERM handler would abort the process: SIGTERM now acts like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    summary: dict[str, Any] = {}
     try:
+        summary = announce(start(cfg))
         while True:
-            time.sleep(1.0)
+            time.sleep(3600)
     except KeyboardInterrupt:
         print("[serve] shutting down", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.shutdown()
+        ray.shutdown()
     return summary
 
 

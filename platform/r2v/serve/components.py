@@ -6,24 +6,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from r2v.config import R2VConfig
+from r2v.config import R2VConfig, resolve_device
 from r2v.errors import ConfigError, R2VError
+from r2v.experiment import deployed_policy_dir, is_model_dir
 
-UNSERVABLE_ROUTERS = {"oracle": "the oracle router needs a live env's oracle action, which a served agent has not"}
+UNSERVABLE_ROUTERS = {"oracle_teacher": "the oracle_teacher router needs a live env's oracle action, which a "
+                                        "served agent has not"}
 
 
 def slm_path(cfg: R2VConfig, models_dir: str | Path) -> str:
-    """`serve.slm_path`, else models_dir/dpo, else models_dir/bc, else `model.path`."""
+    """`serve.slm_path`, else the deployed SLM under models_dir (r2v.experiment: dpo, else bc), else `model.path`."""
     if cfg.serve.slm_path:
         path = Path(cfg.serve.slm_path)
     else:
-        path = Path(cfg.model.path)
-        for stage in ("dpo", "bc"):
-            cand = Path(models_dir) / stage
-            if (cand / "config.json").is_file() or (cand / "adapter_config.json").is_file():
-                path = cand
-                break
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        path = deployed_policy_dir(models_dir) or Path(cfg.model.path)
+    if not is_model_dir(path):
         raise ConfigError(f"no SLM to serve at {path} (no config.json): train one (r2v train-bc / train-dpo), "
                           f"point serve.models_dir at runs/<exp>/models, or set serve.slm_path")
     return str(path)
@@ -81,6 +78,7 @@ def load_serving_router(cfg: R2VConfig, models_dir: str | Path):
 
     name = cfg.serve.router or cfg.router.kind
     router_dir = Path(models_dir) / "router"
+    device = resolve_device(cfg.router.device, "router.device")  # here, in the process that loads it
     source = "config"
     if name in UNSERVABLE_ROUTERS:
         raise ConfigError(f"serve.router = {name!r} cannot be served: {UNSERVABLE_ROUTERS[name]}")
@@ -89,11 +87,11 @@ def load_serving_router(cfg: R2VConfig, models_dir: str | Path):
         raise ConfigError(f"serve.threshold_file = {cfg.serve.threshold_file} is an r2v sweep result (an r2v "
                           f"router's τ) but the served router is {name!r}; serve router r2v or drop the file")
     if best is not None:  # the sweep's router, its τ baked in (r2v.tune.sweep.load_best)
-        router = make_router("r2v", model_dir=best["model_dir"], device=cfg.router.device)
+        router = make_router("r2v", model_dir=best["model_dir"], device=device)
         source = f"{cfg.serve.threshold_file} ({best['model_dir']})"
     elif name == "r2v":
         if (router_dir / META_FILE).is_file():
-            router = make_router("r2v", model_dir=str(router_dir), device=cfg.router.device)
+            router = make_router("r2v", model_dir=str(router_dir), device=device)
             source = str(router_dir)
         else:
             name = cfg.serve.fallback_router
@@ -123,7 +121,8 @@ def load_verifier(cfg: R2VConfig, models_dir: str | Path):
     if cfg.verifier.kind == "learned":
         from r2v.verifier.learned import LearnedVerifier
 
-        return LearnedVerifier.load(Path(models_dir) / "verifier", device=cfg.verifier.device,
+        return LearnedVerifier.load(Path(models_dir) / "verifier",
+                                    device=resolve_device(cfg.verifier.device, "verifier.device"),
                                     limits=sandbox_limits(cfg))
     return make_verifier(cfg)
 

@@ -125,10 +125,10 @@ class SFTObjective:
 def bc_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Path]]:
     """(train, val) prompt/completion examples from the teacher step shards, and the files read."""
     from r2v.data import ShardStore
+    from r2v.experiment import Experiment
     from r2v.policies.prompts import completion, prompt_from_row
-    from r2v.rollout.stage import rollout_dir
 
-    store = ShardStore(rollout_dir(cfg, "teacher"), "steps")
+    store = ShardStore(Experiment(cfg).rollouts("teacher"), "steps")
     files = store.files()
     if not files:
         raise R2VError(f"no teacher step shards under {store.root}: run `r2v collect-teacher` first")
@@ -165,8 +165,10 @@ def bc_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, An
 
 def run_train_bc(cfg: R2VConfig) -> dict[str, Any]:
     """Pipeline stage `train-bc`: base model `model.path` -> `<experiment>/models/bc`."""
+    from r2v.experiment import Experiment
+
     train, val, files = bc_examples(cfg)
-    out = cfg.experiment_dir / "models" / "bc"
+    out = Experiment(cfg).model("bc")
     return fit(cfg, kind="bc", objective_cls=SFTObjective, train=cfg.bc, model_path=cfg.model.path, out_dir=out,
                train_examples=train, val_examples=val, extra={"history_steps": cfg.policy.history_steps},
                data_files=files)

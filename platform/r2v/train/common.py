@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from r2v.config import R2VConfig, TrainConfig
 from r2v.errors import R2VError
+from r2v.experiment import Experiment
 
 log = logging.getLogger("r2v.train")
 
@@ -43,7 +44,6 @@ IGNORE = -100
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
 HF_SUBDIR = "hf"
-FAULT_ENV = "R2V_TRAIN_FAULT_MARKER"  # test hook: rank 1 exits once after the first checkpoint
 
 
 # ----------------------------------------------------------------------------------------- environment
@@ -273,6 +273,8 @@ def train_worker(config: dict[str, Any]) -> None:
         deepspeed.init_distributed(dist_backend=dist.get_backend())
     else:
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    nodes: list[Any] = [None] * world  # the Ray node of each rank, for the summary (where did it run)
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
     objective: Objective = config["objective_cls"](config)
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
@@ -324,10 +326,8 @@ def train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[{objective.name}] resumed from checkpoint at step {state['resumed_from_step']}", flush=True)
 
-    fault_marker = config.get("fault_marker")
     local: dict[str, float] = {}
     t_epoch = time.perf_counter()
-    checkpointed_once = False
     stat_keys: list[str] = []
 
     def report(metrics: dict[str, Any], final: bool, with_ckpt: bool) -> None:
@@ -356,10 +356,6 @@ def train_worker(config: dict[str, Any]) -> None:
         epoch, pos = divmod(micro, micro_per_epoch)
         if pos == 0:
             t_epoch = time.perf_counter()
-        if fault_marker and rank == 1 and checkpointed_once and not Path(fault_marker).exists():
-            Path(fault_marker).write_text("killed once\n")
-            time.sleep(2.0)  # let the controller register the checkpoint first
-            os._exit(1)
         order = epoch_order(n_local, seed, epoch)
         batch_ids = order[pos * mbs : (pos + 1) * mbs]
         t0 = time.perf_counter()
@@ -393,9 +389,9 @@ def train_worker(config: dict[str, Any]) -> None:
             if not epoch_done:
                 flush_local()
             metrics = {"step": step, "history": state["history"], "resumed_from_step": state["resumed_from_step"],
-                       "final": final, "extra": dict(getattr(objective, "extra_metrics", {}) or {})}
+                       "final": final, "worker_nodes": nodes,
+                       "extra": dict(getattr(objective, "extra_metrics", {}) or {})}
             report(metrics, final=final, with_ckpt=True)
-            checkpointed_once = True
         elif epoch_done:
             ray.train.report({"step": step, "epoch": epoch + 1})
 
@@ -462,13 +458,12 @@ def fit(cfg: R2VConfig, *, kind: str, objective_cls, train: TrainConfig, model_p
         "max_tokens": int(cfg.model.max_context_tokens),
         "train_ref": ray.put(train_examples),
         "val_ref": ray.put(val_examples) if val_examples else None,
-        "fault_marker": os.environ.get(FAULT_ENV) or None,
         **extra,
     }
     model_files = sorted(p for p in Path(model_path).iterdir() if p.suffix in (".json", ".safetensors", ".bin"))
     name = run_name(kind, {"train": train_d, "lora": lora, "model": config["model_path"],
                            "max_tokens": config["max_tokens"], "extra": extra}, list(data_files) + model_files)
-    storage = (cfg.experiment_dir / "ray_results").resolve()
+    storage = Experiment(cfg).ray_results.resolve()
     prev = latest_checkpoint(storage / name, int(train.num_workers), int(train.zero_stage))
     if prev is not None:
         prev_state = json.loads((prev / STATE_FILE).read_text())
@@ -529,6 +524,7 @@ def _summary(kind: str, out_dir: Path, run_dir: Path, metrics: dict[str, Any], t
         "num_train_examples": len(train_examples),
         "num_val_examples": len(val_examples),
         "num_workers": int(train.num_workers),
+        "worker_nodes": metrics.get("worker_nodes"),  # Ray node id per rank (None when a finished run was reused)
         "zero_stage": int(train.zero_stage),
         "train_wall_s": wall,
         **(metrics.get("extra") or {}),

@@ -224,9 +224,10 @@ class DPOObjective:
 # ----------------------------------------------------------------------------------------- the stage
 def dpo_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[Path]]:
     from r2v.data import ShardStore
+    from r2v.experiment import Experiment
     from r2v.policies.prompts import completion
 
-    store = ShardStore(cfg.experiment_dir / "pairs", "pairs")
+    store = ShardStore(Experiment(cfg).pairs, "pairs")
     files = store.files()
     if not files:
         raise R2VError(f"no preference pairs under {store.root}: run `r2v build-pairs` first")
@@ -244,17 +245,19 @@ def dpo_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[Path]]:
 
 def run_train_dpo(cfg: R2VConfig) -> dict[str, Any]:
     """Pipeline stage `train-dpo`: `models/bc` (policy init and frozen reference) -> `models/dpo`."""
+    from r2v.experiment import Experiment
     from r2v.train.common import fit
 
     pairs, files = dpo_examples(cfg)
-    bc_dir = cfg.experiment_dir / "models" / "bc"
+    exp = Experiment(cfg)
+    bc_dir = exp.model("bc")
     if not (bc_dir / "config.json").is_file():
         raise R2VError(f"{bc_dir} is not a Hugging Face model directory: run `r2v train-bc` first")
     d = cfg.dpo
     extra = {"beta": d.beta, "consistency_weight": d.consistency_weight, "consistency_positions": d.consistency_positions,
              "consistency_temperature": d.consistency_temperature, "ref_path": str(bc_dir.resolve())}
     summary = fit(cfg, kind="dpo", objective_cls=DPOObjective, train=d.train, model_path=str(bc_dir),
-                  out_dir=cfg.experiment_dir / "models" / "dpo", train_examples=pairs, val_examples=[],
+                  out_dir=exp.model("dpo"), train_examples=pairs, val_examples=[],
                   extra=extra, data_files=files)
     summary["pairs_with_peer"] = sum(1 for p in pairs if p["peer_prompt"])
     if summary.get("final_margin") is not None and not math.isfinite(summary["final_margin"]):

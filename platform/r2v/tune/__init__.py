@@ -5,6 +5,6 @@ offline estimate (r2v.tune.estimator), writes the Pareto frontier and one `best-
 budget under runs/<exp>/sweep/, and optionally re-measures the chosen points live.
 """
 from r2v.tune.estimator import ESTIMATOR, ValEpisodes
-from r2v.tune.sweep import load_best, pareto_mask, run_sweep, sweep_dir
+from r2v.tune.sweep import load_best, pareto_mask, run_sweep
 
-__all__ = ["run_sweep", "load_best", "pareto_mask", "sweep_dir", "ValEpisodes", "ESTIMATOR"]
+__all__ = ["run_sweep", "load_best", "pareto_mask", "ValEpisodes", "ESTIMATOR"]

@@ -27,23 +27,19 @@ from typing import Any
 import numpy as np
 from ray.tune import Callback
 
-from r2v.config import R2VConfig, to_dict
+from r2v.config import CALIBRATIONS, R2VConfig, to_dict
 from r2v.errors import R2VError
+from r2v.experiment import Experiment
 from r2v.tune.estimator import ESTIMATOR, ValEpisodes
-from r2v.tune.trainable import MODEL_SUBDIR, SweepData, _claim, overrides, router_config, sweep_trial
+from r2v.tune.trainable import MODEL_SUBDIR, SweepData, overrides, router_config, sweep_trial
 
 SUCCESS, RATE = "val_success_offline", "val_llm_call_rate"
 ASHA_METRIC = "val_budget_success_offline"
 BEST_FORMAT = "r2v-sweep-best@1"
-LABELS, THRESHOLDS, CALIBRATIONS = ("episode", "branch"), ("budget", "bayes", "cvar"), ("temperature", "platt")
-
-
-def sweep_dir(cfg: R2VConfig) -> Path:
-    return cfg.experiment_dir / "sweep"
 
 
 def best_path(cfg: R2VConfig, budget: float) -> Path:
-    return sweep_dir(cfg) / f"best-{budget:g}.yaml"
+    return Experiment(cfg).sweep_dir / f"best-{budget:g}.yaml"
 
 
 # ----------------------------------------------------------------------------------------- space and data
@@ -83,10 +79,6 @@ def check_sweep_config(cfg: R2VConfig) -> None:
     s = cfg.sweep
     if s.num_samples < 1:
         raise R2VError(f"`sweep.num_samples` = {s.num_samples} must be at least 1")
-    if not s.labels or set(s.labels) - set(LABELS):
-        raise R2VError(f"`sweep.labels` = {list(s.labels)} must be a non-empty subset of {list(LABELS)}")
-    if not s.thresholds or set(s.thresholds) - set(THRESHOLDS):
-        raise R2VError(f"`sweep.thresholds` = {list(s.thresholds)} must be a non-empty subset of {list(THRESHOLDS)}")
     for b in s.budgets:
         if not 0 < b <= 1:
             raise R2VError(f"`sweep.budgets` holds {b}: budgets are LLM-call rates in (0, 1]")
@@ -125,10 +117,8 @@ def load_data(cfg: R2VConfig) -> tuple[SweepData, list[str]]:
 def experiment_key(cfg: R2VConfig) -> str:
     """Hash of what the trials depend on: router + search settings + the router rows on disk. A change
     starts a new Tune experiment next to the old one instead of restoring the old one."""
-    from r2v.rollout.router_rows import router_rows_dir
-
     sweep = {k: v for k, v in to_dict(cfg)["sweep"].items() if k not in ("live", "live_top_k", "live_seeds", "resume")}
-    files = sorted((p.name, p.stat().st_size) for p in Path(router_rows_dir(cfg)).glob("*.parquet"))
+    files = sorted((p.name, p.stat().st_size) for p in Experiment(cfg).router_rows.glob("*.parquet"))
     blob = json.dumps({"router": to_dict(cfg)["router"], "sweep": sweep, "seed": cfg.seed, "rows": files},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
@@ -223,49 +213,28 @@ def mlflow_callback(cfg: R2VConfig, sweep_key: str):
     return MLflowTrials(tracking_uri(cfg), exp.experiment_id, sweep_key, active.info.run_id if active else None)
 
 
-class InterruptOnce(Callback):
-    """Test hook: once `after` trials have finished, send this (driver) process SIGUSR1, which Tune treats
-    like Ctrl+C: it stops the run and saves the experiment state (a killed driver, but without the kill).
-    Fires only while `marker` exists; writes the ids of the finished trials to `record`."""
-
-    def __init__(self, after: int, marker: str, record: str):
-        self.after, self.marker, self.record = after, marker, record
-        self.done: list[str] = []
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        import os
-        import signal
-
-        self.done.append(trial.trial_id)
-        if len(self.done) >= self.after and _claim(self.marker):
-            Path(self.record).write_text("\n".join(self.done))
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
 # ----------------------------------------------------------------------------------------- the sweep
-def run_sweep(cfg: R2VConfig, _test_hooks: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_sweep(cfg: R2VConfig, callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Run (or resume) the sweep; write frontier.parquet/png and best-<budget>.yaml. Returns a summary.
-    `_test_hooks` only for tests: see r2v.tune.trainable.sweep_trial, and InterruptOnce ("interrupt_after",
-    "interrupt_marker", "interrupt_record")."""
+    `callbacks`: extra `tune.Callback`s for a fresh run (progress, alerts; the drills inject faults this way)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from r2v.ray_utils import init_ray
+    from r2v.ray_utils import init_ray, library_stdout
 
     check_sweep_config(cfg)
     data, labels = load_data(cfg)
     key = experiment_key(cfg)
-    out = sweep_dir(cfg).resolve()
+    out = Experiment(cfg).sweep_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
     name = f"tune-{key}"
-    hooks = dict(_test_hooks or {})
     # trials checkpoint (a few small files) every epoch so that a resumed trial loses at most one epoch;
     # with num_to_keep=1 that forces frequent experiment snapshots, which Tune would warn about each time
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     init_ray(cfg)
     trainable = tune.with_resources(
-        tune.with_parameters(sweep_trial, data=data, hooks=hooks),
+        tune.with_parameters(sweep_trial, data=data),
         {"cpu": float(cfg.sweep.cpus_per_trial), "gpu": float(cfg.sweep.gpus_per_trial)})
     path = out / name
     resumed = bool(cfg.sweep.resume and tune.Tuner.can_restore(str(path)))
@@ -281,10 +250,7 @@ def run_sweep(cfg: R2VConfig, _test_hooks: dict[str, Any] | None = None) -> dict
         scheduler = ASHAScheduler(time_attr="training_iteration", metric=ASHA_METRIC, mode="max",
                                   max_t=data.epochs, grace_period=max(1, min(cfg.sweep.grace_period, data.epochs)),
                                   reduction_factor=cfg.sweep.reduction_factor)
-        callbacks = [c for c in [mlflow_callback(cfg, key)] if c is not None]
-        if hooks.get("interrupt_marker"):
-            callbacks.append(InterruptOnce(int(hooks.get("interrupt_after", 1)), hooks["interrupt_marker"],
-                                           hooks["interrupt_record"]))
+        callbacks = [c for c in [mlflow_callback(cfg, key), *(callbacks or [])] if c is not None]
         tuner = tune.Tuner(
             trainable,
             param_space=search_space(cfg, labels),
@@ -295,7 +261,8 @@ def run_sweep(cfg: R2VConfig, _test_hooks: dict[str, Any] | None = None) -> dict
                 failure_config=tune.FailureConfig(max_failures=cfg.sweep.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=callbacks or None))
-    results = tuner.fit()
+    with library_stdout():  # Tune prints its banner and trial errors even at verbose=0
+        results = tuner.fit()
     errors = [r for r in results if r.error is not None]
     finished = [r for r in results if r.error is None and r.checkpoint is not None]
     if errors or len(finished) < cfg.sweep.num_samples:
@@ -386,7 +353,7 @@ def write_best(cfg: R2VConfig, row, budget: float) -> Path:
     model.threshold = float(row["tau"])
     model.threshold_info = {"kind": str(row["threshold"]), "tau": float(row["tau"]), "source": "sweep",
                             "val_rate": float(row["llm_call_rate"])}
-    model_dir = model.save(sweep_dir(cfg).resolve() / f"best-{budget:g}" / MODEL_SUBDIR)
+    model_dir = model.save(Experiment(cfg).sweep_dir.resolve() / f"best-{budget:g}" / MODEL_SUBDIR)
     rcfg = router_config(cfg.router, {k: row[k] for k in ("alpha", "epsilon", "brier_weight", "label", "dual_lr",
                                                            "calibration", "threshold", "budget", "cost_ratio")},
                          int(cfg.sweep.epochs or cfg.router.epochs))
@@ -466,7 +433,7 @@ def add_live_rows(cfg: R2VConfig, frame):
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
-    from r2v.rollout.stage import latest_policy_dir, tasks_by_split
+    from r2v.rollout.stage import tasks_by_split
     from r2v.router.baselines import make_router
 
     picks = live_picks(cfg, frame)
@@ -476,7 +443,7 @@ def add_live_rows(cfg: R2VConfig, frame):
     tasks = tasks_by_split(cfg, [cfg.eval.split])
     if not tasks[cfg.eval.split]:
         raise R2VError(f"split `{cfg.eval.split}` has no tasks for the live re-evaluation; set sweep.live=false")
-    model_dir = latest_policy_dir(cfg)
+    model_dir = str(Experiment(cfg).deployed_policy_dir())
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     factories, units, names = {}, [], []
     for row in picks:
@@ -485,7 +452,7 @@ def add_live_rows(cfg: R2VConfig, frame):
         factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
         units += plan_units(tasks, list(cfg.sweep.live_seeds), 1, policy)
         names.append(policy)
-    episodes = sweep_dir(cfg) / "live" / "episodes"
+    episodes = Experiment(cfg).sweep_dir / "live" / "episodes"
     print(f"[sweep] live re-evaluation: {len(picks)} points x {len(units) // len(picks)} episodes on {cfg.eval.split}")
     try:
         collect(cfg, units, factories, episodes)
@@ -507,7 +474,7 @@ def add_live_rows(cfg: R2VConfig, frame):
 
 
 def write_outputs(cfg: R2VConfig, frame) -> None:
-    out = sweep_dir(cfg)
+    out = Experiment(cfg).sweep_dir
     frame.to_parquet(out / "frontier.parquet", index=False)
     plot_frontier(frame, out / "frontier.png")
     val = frame[frame["source"] == "validation"]
@@ -544,5 +511,5 @@ def plot_frontier(frame, path: Path) -> Path:
     return path
 
 
-__all__ = ["run_sweep", "load_best", "pareto_mask", "sweep_dir", "best_path", "search_space", "frontier_frame",
-           "pick_best", "plot_frontier", "MLflowTrials", "InterruptOnce", "SUCCESS", "RATE", "ASHA_METRIC", "BEST_FORMAT"]
+__all__ = ["run_sweep", "load_best", "pareto_mask", "best_path", "search_space", "frontier_frame",
+           "pick_best", "plot_frontier", "MLflowTrials", "SUCCESS", "RATE", "ASHA_METRIC", "BEST_FORMAT"]

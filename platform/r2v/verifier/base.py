@@ -6,11 +6,11 @@ actions only (their observations are not stored), and the row's observation is t
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from r2v.envs.base import Observation, Task
 from r2v.errors import R2VError
+from r2v.experiment import Experiment
 from r2v.policies.base import Decision, StepContext
 
 if TYPE_CHECKING:
@@ -20,10 +20,6 @@ if TYPE_CHECKING:
 @runtime_checkable
 class Verifier(Protocol):
     def score(self, ctx: StepContext, candidates: list[str]) -> list[float]: ...
-
-
-def verifier_dir(cfg: "R2VConfig") -> Path:
-    return cfg.experiment_dir / "models" / "verifier"
 
 
 def make_verifier(cfg: "R2VConfig", tasks: dict[str, Task] | None = None) -> Verifier:
@@ -37,7 +33,7 @@ def make_verifier(cfg: "R2VConfig", tasks: dict[str, Task] | None = None) -> Ver
     if kind == "learned":
         from r2v.verifier.learned import LearnedVerifier
 
-        return LearnedVerifier.load(verifier_dir(cfg), tasks=tasks, device=cfg.verifier.device,
+        return LearnedVerifier.load(Experiment(cfg).model("verifier"), tasks=tasks, device=cfg.verifier.device,
                                     limits=sandbox_limits(cfg))
     raise R2VError(f"`verifier.kind` = {kind!r} is not one of ['learned', 'rule']")
 
@@ -103,4 +99,4 @@ def auroc(labels: list[int] | Any, scores: list[float] | Any) -> float | None:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-__all__ = ["Verifier", "make_verifier", "annotate", "context_from_row", "verifier_dir", "auroc", "clip01"]
+__all__ = ["Verifier", "make_verifier", "annotate", "context_from_row", "auroc", "clip01"]

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from r2v.envs.base import Task
 from r2v.errors import R2VError
 from r2v.policies.base import StepContext
-from r2v.verifier.base import auroc, context_from_row, sandbox_limits, verifier_dir
+from r2v.experiment import Experiment
+from r2v.verifier.base import auroc, context_from_row, sandbox_limits
 from r2v.verifier.rules import SIGNALS, rule_verifier, split_injections
 
 if TYPE_CHECKING:
@@ -90,15 +91,9 @@ class Featurizer:
 def _device(name: str):
     import torch
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise R2VError(f"`verifier.device` = {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise R2VError(f"`verifier.device` = {name!r} but no CUDA device is available; use verifier.device=auto")
-    return dev
+    from r2v.config import resolve_device
+
+    return torch.device(resolve_device(name, "verifier.device"))
 
 
 def _build_model(n_dense: int, hash_dim: int, hidden: int):
@@ -214,7 +209,7 @@ def read_step_rows(cfg: "R2VConfig") -> list[dict[str, Any]]:
     """Every step row under rollouts/<policy>/ (all policies present)."""
     from r2v.data import ShardStore
 
-    root = cfg.experiment_dir / "rollouts"
+    root = Experiment(cfg).rollouts_dir
     dirs = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
     rows: list[dict[str, Any]] = []
     for d in dirs:
@@ -333,8 +328,9 @@ def evaluate_verifiers(cfg: "R2VConfig", split: str = "val", learned: LearnedVer
     tasks = _tasks_for(cfg)
     rows = rows if rows is not None else read_step_rows(cfg)
     examples = build_examples([r for r in rows if r.get("split") == split], cfg.env.max_steps, tasks)
-    if learned is None and (verifier_dir(cfg) / SPEC).is_file():
-        learned = LearnedVerifier.load(verifier_dir(cfg), tasks=tasks, device=cfg.verifier.device,
+    saved = Experiment(cfg).model("verifier")
+    if learned is None and (saved / SPEC).is_file():
+        learned = LearnedVerifier.load(saved, tasks=tasks, device=cfg.verifier.device,
                                        limits=sandbox_limits(cfg))
     out: dict[str, Any] = {"split": split, "eval_states": len(examples),
                            "eval_candidates": sum(len(c) for _, c, _ in examples)}
@@ -355,12 +351,12 @@ def run_train_verifier(cfg: "R2VConfig") -> dict[str, Any]:
     rows = read_step_rows(cfg)
     train = build_examples([r for r in rows if r.get("split") == "train"], cfg.env.max_steps, tasks)
     if not train:
-        raise R2VError(f"no labelled train-split step rows under {cfg.experiment_dir / 'rollouts'}: collect "
+        raise R2VError(f"no labelled train-split step rows under {Experiment(cfg).rollouts_dir}: collect "
                        "rollouts on the train split (rows need `oracle_action`) first")
     verifier = train_verifier(train, cfg, tasks)
     metrics = evaluate_verifiers(cfg, "val", learned=verifier, rows=rows)
     verifier.spec.update(metrics={k: v for k, v in metrics.items()})
-    out_dir = verifier.save(verifier_dir(cfg))
+    out_dir = verifier.save(Experiment(cfg).model("verifier"))
     return {"verifier_dir": str(out_dir), "train_rows": sum(r.get("split") == "train" for r in rows),
             "train_states": len(train), "train_examples": verifier.spec["train_examples"],
             "train_positives": verifier.spec["train_positives"], **metrics}

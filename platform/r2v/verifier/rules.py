@@ -19,6 +19,7 @@ from typing import Any
 from r2v.envs.base import Task
 from r2v.errors import R2VError
 from r2v.policies.base import StepContext
+from r2v.policies.observed import shows_tool_error
 from r2v.verifier.base import clip01
 
 # ---------------------------------------------------------------------------------------- untrusted text
@@ -138,7 +139,7 @@ class TextWorldRuleVerifier:
         if target and here and room and here == room:
             expected = f"take {target}"  # in the target room: the goal object is next, whatever the history
         last = past[-1] if past else None
-        last_failed = bool(ctx.last_info.get("tool_failed"))
+        last_failed = bool(past) and shows_tool_error(ctx.observation.text)  # seen, not the env's bookkeeping
         # reversing a move is oscillation, unless that move left the plan (then reversing it is the way back)
         before = _plan_state(steps, past[:-1])[1] if full_history and past else []
         last_was_detour = bool(last and last.startswith("go ") and len(detours) > len(before)
@@ -488,7 +489,7 @@ class TerminalRuleVerifier:
         past = [a.strip() for a, _ in ctx.history]
         last = past[-1] if past else None
         last_out = (ctx.history[-1][1] if ctx.history and ctx.history[-1][1] else ctx.observation.text) if past else ""
-        last_failed = bool(last) and (_failed(last_out) or bool(ctx.last_info.get("tool_failed")))
+        last_failed = bool(last) and (_failed(last_out) or shows_tool_error(last_out))
         changed = any(self._changes_state(a) for a in past)
         out = []
         for cand in candidates:

@@ -1,0 +1,97 @@
+"""Router labels and features, offline: which label definition and which features predict held-out risk.
+
+    python -m bench.router_labels [--exp quickstart --runs-dir runs]
+
+Reads the router rows of a finished pipeline (runs/<exp>/router/, written by `collect-router`). For each
+label definition (episode: the SLM episode failed; step: the SLM's action differs from the env's reference
+action; branch: the teacher taking over here wins where the SLM loses) it fits the risk model on the fit
+rows, calibrates on the calibration rows (as train-router does) and scores the *test* rows against the same
+label: AUROC, ECE, Brier and the number of labelled held-out steps. Then the ablations at the experiment's
+own label: the MLP vs logistic regression (no hidden layer), and without the time features (step,
+horizon_frac, context lengths) that could separate the classes without knowing risk. Branch labels exist on
+the sampled steps only (scored unweighted here). Writes runs/bench/router_labels.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import MISSING_INPUT
+
+TIME_FEATURES = ("step", "horizon_frac", "context_chars_log1p", "goal_chars_log1p")
+HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml --until collect-router)"
+
+
+def score(cfg, df, label: str, features: tuple[str, ...], hidden: list[int]) -> dict[str, Any]:
+    """Fit on fit rows, calibrate on calibration rows, score held-out test rows, all under `label`."""
+    from r2v.eval.metrics import auroc, brier, ece
+    from r2v.router.features import FEATURE_INDEX
+    from r2v.router.model import RiskModel, RouterData
+    from r2v.router.stage import router_part
+
+    cols = [FEATURE_INDEX[f] for f in features]
+    rcfg = dataclasses.replace(cfg.router, label=label, hidden_sizes=hidden)
+
+    def data(part):
+        d = RouterData.from_frame(part, label, source=f"{label} rows")
+        d.X = d.X[:, cols]
+        return d
+
+    fit, cal = data(router_part(cfg, df, "fit")), data(router_part(cfg, df, "calibration"))
+    test = data(df[df["split"] == "test"])
+    model = RiskModel(len(cols), rcfg, feature_names=features)
+    model.fit(fit, cal, rcfg, seed=cfg.seed)
+    p, y = model.predict(test.X), test.y
+    return {"label": label, "model": "mlp" if hidden else "logistic", "features": len(cols),
+            "fit_rows": len(fit), "test_rows": len(test), "test_positive_rate": float(y.mean()),
+            "auroc": float(auroc(p, y)), "ece": float(ece(p, y)), "brier": float(brier(p, y))}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--exp", default="quickstart")
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--config", default="conf/quickstart.yaml")
+    ap.add_argument("--out", default="runs/bench/router_labels.json")
+    args = ap.parse_args(argv)
+
+    from r2v.config import LABELS, load_config
+    from r2v.errors import R2VError
+    from r2v.router.features import FEATURE_NAMES
+    from r2v.router.stage import read_router_rows
+
+    cfg = load_config(args.config, [f"runs_dir={args.runs_dir}", f"experiment={args.exp}"])
+    try:
+        df = read_router_rows(cfg)
+    except R2VError as e:
+        print(f"{e}\nrun the pipeline first: {HOW_TO}")
+        return {"status": "missing"}
+    hidden = list(cfg.router.hidden_sizes)
+    no_time = tuple(f for f in FEATURE_NAMES if f not in TIME_FEATURES)
+    rows = [score(cfg, df, label, FEATURE_NAMES, hidden) | {"variant": "all features"} for label in LABELS]
+    own = cfg.router.label
+    rows.append(score(cfg, df, own, FEATURE_NAMES, []) | {"variant": "logistic regression"})
+    rows.append(score(cfg, df, own, no_time, hidden) | {"variant": "without time features"})
+
+    print(f"\nRouter labels and features on held-out test steps ({args.exp}; fit/calibration rows as train-router)")
+    print(f"{'label':<9}{'variant':<24}{'model':<10}{'fit rows':>9}{'test rows':>10}{'pos.':>6}"
+          f"{'AUROC':>7}{'ECE':>7}{'Brier':>7}")
+    for r in rows:
+        print(f"{r['label']:<9}{r['variant']:<24}{r['model']:<10}{r['fit_rows']:>9}{r['test_rows']:>10}"
+              f"{r['test_positive_rate']:>6.2f}{r['auroc']:>7.3f}{r['ece']:>7.3f}{r['brier']:>7.3f}")
+    result = {"status": "ok", "experiment": args.exp, "router_label": own, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(sys.argv[1:]).get("status") == "ok" else MISSING_INPUT)

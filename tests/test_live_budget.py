@@ -1,0 +1,71 @@
+"""Budget calibration against the *live* escalation rate, on a synthetic environment whose escalations
+shorten episodes (so the rate a threshold gives on SLM-only steps is not the rate it gives live)."""
+import numpy as np
+import pytest
+
+from r2v.router.thresholds import budget_threshold, live_budget_search, live_tolerance
+
+GOAL, MAX_STEPS = 12, 20
+
+
+def play(tau: float, episodes: int = 300, seed: int = 0) -> tuple[float, np.ndarray]:
+    """Live escalation rate of threshold τ, and the risks of every step played. An SLM step advances 1,
+    a teacher step 3 and it lowers the risk of the next steps: escalating ends episodes sooner and avoids risky states."""
+    rng = np.random.default_rng(seed)
+    calls = steps = 0
+    seen = []
+    for _ in range(episodes):
+        pos, calm = 0, 0.0
+        base = rng.beta(2, 3, size=MAX_STEPS)
+        for t in range(MAX_STEPS):
+            p = base[t] * (1.0 - calm)
+            seen.append(p)
+            steps += 1
+            if p >= tau:
+                calls, pos, calm = calls + 1, pos + 3, 0.9
+            else:
+                pos, calm = pos + 1, calm * 0.7
+            if pos >= GOAL:
+                break
+    return calls / steps, np.asarray(seen)
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.2, 0.3, 0.45, 0.6])
+def test_search_hits_the_live_rate_where_the_offline_quantile_misses(budget):
+    _, p_offline = play(tau=np.inf)  # SLM-only rollouts: the calibration steps
+    offline_rate, _ = play(budget_threshold(p_offline, budget))
+    assert abs(offline_rate - budget) > live_tolerance(budget)  # the old meaning of a budget is off here
+    rounds = []
+
+    def measure(taus):
+        rounds.append(dict(taus))
+        return {n: play(t) for n, t in taus.items()}
+
+    out = live_budget_search({"r": p_offline}, {"r": budget}, measure, rounds=6)["r"]
+    assert abs(out["rate"] - budget) <= live_tolerance(budget)
+    assert out["rate"] == pytest.approx(play(out["tau"])[0])  # the reported rate is the τ's measured rate
+    assert len(rounds) == len(out["probes"]) <= 6
+
+
+def test_search_batches_names_and_stops_each_on_its_own():
+    _, p = play(tau=np.inf)
+    calls = []
+
+    def measure(taus):
+        calls.append(sorted(taus))
+        return {n: play(t) for n, t in taus.items()}
+
+    out = live_budget_search({"a": p, "b": p}, {"a": 0.2, "b": 0.6}, measure, rounds=6)
+    assert calls[0] == ["a", "b"]  # one batch per round
+    assert all(abs(out[n]["rate"] - b) <= live_tolerance(b) for n, b in (("a", 0.2), ("b", 0.6)))
+    assert out["a"]["tau"] > out["b"]["tau"]
+
+
+def test_a_router_without_finer_thresholds_returns_its_closest_probe():
+    p = np.array([0.0] * 50 + [1.0] * 50)  # two distinct risks: only 0, ½ or 1 of the steps can escalate
+
+    def measure(taus):
+        return {n: (float(np.mean(p >= t)), p) for n, t in taus.items()}
+
+    out = live_budget_search({"r": p}, {"r": 0.3}, measure, rounds=5)["r"]
+    assert out["rate"] in (0.0, 0.5) and len(out["probes"]) <= 5

@@ -1,0 +1,113 @@
+"""The report's tables, frontier summaries and plot from a synthetic evaluation (no Ray, no models)."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from r2v.eval.metrics import frontier_bootstrap, summarise_method
+from r2v.eval.report import budget_table, frontier_of, frontier_table, markdown_table, write_results
+
+# method: (games won out of 10 (under every seed), teacher steps of 10 per episode)
+METHODS = {"slm_only": (range(2), 0), "llm_only": (range(9), 10), "oracle_teacher": (range(8), 3),
+           "r2v": (range(7), 3), "r2v@0.2": (range(6), 2), "r2v@0.4": (range(9), 4), "entropy@0.2": (range(4), 2),
+           "random@0.4": (range(5), 4)}
+
+
+def _steps(methods=METHODS, seeds: int = 3) -> pd.DataFrame:
+    rows = []
+    for m, (won, calls) in methods.items():
+        for g in range(10):
+            for seed in range(seeds):
+                rows += [{"policy": f"routed-{m}", "task_id": f"g{g}", "episode_id": f"{m}-{g}-{seed}",
+                          "perturbation_seed": seed, "episode_success": g in won,
+                          "actor": "teacher" if t < calls else "slm"} for t in range(10)]
+    return pd.DataFrame(rows)
+
+
+def _results(steps: pd.DataFrame) -> dict:
+    out = {}
+    for policy, part in steps.groupby("policy", sort=False):
+        out[policy.removeprefix("routed-")] = summarise_method(part, n_boot=300)
+    out["r2v"].update(ece=0.05, brier=0.12)  # as live.py adds them from held-out router rows
+    return out
+
+
+def test_write_results(tmp_path):
+    steps = _steps()
+    results = _results(steps)
+    front = write_results(results, tmp_path, "synthetic", steps=steps, n_boot=300, seed=0)
+    assert list(front) == ["r2v", "entropy", "random"]  # the report's router order
+    assert front["r2v"]["calls_to_target_ci"] == frontier_bootstrap(steps, n_boot=300)["r2v"]["calls_to_target_ci"]
+    r2v = front["r2v"]
+    # curve (0, .2) (.2, .6) (.4, .9), bridged to the teacher (1.0, .9); teacher − 2 pts = .88
+    assert r2v["auc"] == pytest.approx((0.2 * 0.4 + 0.2 * 0.75 + 0.1 * 0.9) / 0.5)
+    assert r2v["calls_to_target"] == pytest.approx(0.2 + 0.2 * 0.28 / 0.3)
+    assert r2v["ece"] == 0.05 and r2v["brier"] == 0.12 and front["entropy"]["ece"] is None
+    assert front["entropy"]["calls_to_target"] is None and front["entropy"]["p_reached"] < 0.05
+    assert r2v["auc_ci"][0] < r2v["auc"] < r2v["auc_ci"][1]
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc) == set(METHODS) | {"frontier"}
+    assert doc["r2v@0.2"]["success"] == pytest.approx(0.6) and doc["r2v@0.2"]["n_games"] == 10
+    assert doc["frontier"]["r2v"]["auc"] == pytest.approx(r2v["auc"])
+    assert doc["frontier"]["r2v"]["auc_ci"] == pytest.approx(r2v["auc_ci"])
+
+    md = (tmp_path / "results.md").read_text()
+    assert "| method | success [95% CI by game] |" in md and "| r2v@0.4 | 0.900 [" in md
+    lo, hi = results["r2v@0.2"]["success_ci"]
+    assert f"| 0.2 | 0.600 [{lo:.2f}, {hi:.2f}] @ 0.200 | 0.400 [" in md  # budget row: r2v, entropy, random
+    assert md.count("| 0.4 | 0.900 [") == 1 and "@ 0.400 | – | 0.500 [" in md  # entropy has no 0.4 point
+    assert f"| r2v | 0.2, 0.4 | {r2v['auc']:.3f}† [" in md and "| entropy | 0.2 |" in md
+    assert (tmp_path / "frontier.png").stat().st_size > 5000
+
+
+def test_frontier_without_episodes_or_references(tmp_path):
+    results = _results(_steps())
+    point = frontier_of(results)  # no per-step data: point estimates, no CIs
+    assert point["r2v"]["auc"] == pytest.approx((0.2 * 0.4 + 0.2 * 0.75 + 0.1 * 0.9) / 0.5)
+    assert point["r2v"]["auc_ci"] is None and "[–]" in frontier_table(point)
+
+    partial = {k: v for k, v in results.items() if k not in ("llm_only", "slm_only", "entropy@0.2")}
+    front = write_results(partial, tmp_path, "partial")
+    assert front["r2v"]["auc"] is None and front["r2v"]["target"] is None  # no SLM/teacher anchor: no AUC
+    assert "not reached" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "frontier.png").is_file()
+
+    plain = {k: v for k, v in results.items() if "@" not in k}
+    front = write_results(plain, tmp_path, "no budgets", steps=_steps())
+    assert front == {} and "no `router@budget` methods" in budget_table(plain)
+    assert "| oracle_teacher |" in markdown_table(plain) and (tmp_path / "frontier.png").is_file()
+
+
+def test_methods_sharing_one_routing(tmp_path):
+    """eval names a routing by router and τ; methods that route identically share its episodes (row `policy`)."""
+    steps = _steps()
+    results = _results(steps)
+    shared = {"routed-r2v@0.4": "routed-r2v#w1~0.31", "routed-r2v@0.2": "routed-r2v#w1~0.52"}
+    renamed = steps.assign(policy=steps["policy"].replace(shared))
+    renamed = renamed[renamed["policy"] != "routed-r2v"]  # `r2v` routes as `r2v@0.2`: no episodes of its own
+    for name, policy in (("r2v@0.4", shared["routed-r2v@0.4"]), ("r2v@0.2", shared["routed-r2v@0.2"]),
+                         ("r2v", shared["routed-r2v@0.2"])):
+        results[name]["policy"] = policy
+    front = frontier_of(results, renamed, n_boot=200)
+    assert front["r2v"]["auc_ci"] == frontier_of(_results(steps), steps, n_boot=200)["r2v"]["auc_ci"]
+    del results["r2v@0.4"]["policy"]  # its episodes cannot be found: no CI rather than a CI without it
+    assert frontier_of(results, renamed, n_boot=200)["r2v"]["auc_ci"] is None
+
+
+def test_step_columns_read_from_eval_shards(tmp_path):
+    from r2v.data import ShardStore
+    from r2v.eval.report import STEP_COLUMNS
+
+    steps = _steps(seeds=1)
+    store = ShardStore(tmp_path / "episodes", "steps")
+    for policy, part in steps.groupby("policy"):
+        store.write(policy, [{**r, "experiment": "x", "env": "textworld", "split": "test", "perturbation": [],
+                              "step": 0, "observation": "", "action": "go", "candidates": [], "features": [],
+                              "escalated": r["actor"] == "teacher"} for r in part.to_dict("records")])
+    back = store.read_pandas(columns=STEP_COLUMNS)
+    assert len(back) == len(steps)
+    results = _results(steps)
+    assert frontier_of(results, back, n_boot=100) == frontier_of(results, steps, n_boot=100)
