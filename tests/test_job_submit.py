@@ -11,8 +11,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_ray import free_ports, kill_tree
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -37,50 +36,6 @@ PROBE = (
 )
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    try:
-        while len(ports) < n:
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            port = s.getsockname()[1]
-            if port not in ports:
-                ports.append(port)
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, the `ray start --block` process and all of its descendants (gcs, raylet,
-    dashboard, workers, the job's driver), found by parentage, so other Ray instances are left alone."""
-    import psutil
-
-    try:
-        root = psutil.Process(proc.pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)  # a throwaway head: no need to wait long
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 @pytest.fixture
 def ray_head():
     """A Ray head on 127.0.0.1 with every port chosen free, a short temp dir (unix socket paths are
@@ -88,7 +43,7 @@ def ray_head():
     pytest.importorskip("ray")
     pytest.importorskip("psutil")
     tmp = Path(tempfile.mkdtemp(prefix="r2vjob-", dir="/tmp"))
-    ports = _free_ports(10)
+    ports = free_ports(10)
     gcs, dash, client, agent_listen, agent_grpc, rt_agent, metrics, node_mgr, obj_mgr, _ = ports
     bindir = str(Path(sys.executable).parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
@@ -133,7 +88,7 @@ def ray_head():
                         + (tmp / "ray-start.log").read_text()[-4000:])
         yield client_, tmp
     finally:
-        _kill_tree(proc)
+        kill_tree(proc)
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -12,8 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from local_ray import free_ports, kill_tree
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -28,45 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]  # all bound at once: n distinct ports
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL, one `ray start --block` process and everything under it."""
-    import psutil
-
-    try:
-        root = psutil.Process(proc.pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        procs = []
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
 def _start_node(env: dict, tmp: Path, name: str, args: list[str]) -> subprocess.Popen:
     """`ray start --block` for one node, with every port of its own chosen free (two raylets share the host)."""
-    agent_listen, agent_grpc, rt_agent, metrics, node_mgr, obj_mgr = _free_ports(6)
+    agent_listen, agent_grpc, rt_agent, metrics, node_mgr, obj_mgr = free_ports(6)
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     cmd = [ray_bin, "start", "--block", "--disable-usage-stats",
            "--num-cpus=1", "--num-gpus=0", f"--resources={json.dumps({name: 1})}",
@@ -103,7 +66,7 @@ def two_nodes():
     """(address, environment for its drivers, folder of the nodes' logs) of a 2-node cluster, token auth on."""
     pytest.importorskip("psutil")
     tmp = Path(tempfile.mkdtemp(prefix="r2v2n-", dir="/tmp"))  # short: unix socket paths are limited
-    gcs, client = _free_ports(2)
+    gcs, client = free_ports(2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -119,7 +82,7 @@ def two_nodes():
         yield address, env, tmp
     finally:
         for p in reversed(procs):
-            _kill_tree(p)
+            kill_tree(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

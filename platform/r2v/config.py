@@ -196,6 +196,8 @@ class BCConfig(TrainConfig):
     # trains the ranking a rank-mode policy acts on (0 = plain SFT)
     rank_weight: float = 0.0
     rank_negatives: int = 8  # other admissible commands per step in the ranking term (a random subset)
+    max_val_steps: int = 0  # held-out steps scored each epoch (loss, rank accuracy over every command): a seeded
+    # sample when there are more; 0 = all
 
 
 @dataclass

@@ -157,6 +157,8 @@ def bc_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, An
         elif row["split"] == "val":
             ex["negatives"] = [completion(a) for a in others]  # held-out ranking accuracy over every command
             val.append(ex)
+    if 0 < cfg.bc.max_val_steps < len(val):  # scoring every command of every held-out step each epoch is costly
+        val = random.Random(cfg.bc.seed).sample(val, cfg.bc.max_val_steps)
     if not train:
         raise R2VError(f"no teacher steps with split=train and a non-empty action under {store.root}; "
                        "re-run `r2v collect-teacher`")
