@@ -189,3 +189,16 @@ def test_frontier_bootstrap_is_paired_over_games():
     assert single["auc_ci"] == [pytest.approx(single["auc"])] * 2 and single["n_games"] == 1
     with pytest.raises(R2VError, match="task_id"):
         frontier_bootstrap(steps.drop(columns="task_id"))
+
+
+def test_ece_ci_resamples_games_and_brackets_the_estimate():
+    from r2v.eval.metrics import ece, ece_with_ci
+
+    rng = np.random.default_rng(0)
+    games = np.repeat(np.arange(30), 20)
+    p = rng.uniform(size=games.size)
+    y = (rng.uniform(size=games.size) < p).astype(float)  # calibrated by construction
+    est, (lo, hi) = ece_with_ci(p, y, games, n_boot=300, seed=1)
+    assert est == ece(p, y) and lo <= est <= hi and hi - lo > 0
+    one, (lo1, hi1) = ece_with_ci(p[:20], y[:20], games[:20], n_boot=50)
+    assert lo1 == hi1 == pytest.approx(one)  # one game: every resample is that game

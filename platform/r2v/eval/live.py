@@ -92,7 +92,7 @@ LABEL_COLUMNS = {"episode": "episode_failed", "step": "step_label", "branch": "b
 
 def offline_calibration(cfg: R2VConfig, routers: dict[str, Router]) -> dict[str, dict[str, float]]:
     """ECE/Brier of probabilistic routers on held-out test router rows, against the label they predict."""
-    from r2v.eval.metrics import auroc, brier, ece
+    from r2v.eval.metrics import auroc, brier, ece, ece_with_ci
     from r2v.router.stage import read_router_rows
 
     rows = read_router_rows(cfg)
@@ -106,7 +106,9 @@ def offline_calibration(cfg: R2VConfig, routers: dict[str, Router]) -> dict[str,
             continue
         p = routers[name].risks(feature_rows(part), list(part["episode_id"]))
         y = part[label_col].astype(float).to_numpy()
-        out[name] = {"ece": float(ece(p, y)), "brier": float(brier(p, y)), "n_calibration_rows": int(len(y)),
+        _, ece_ci = ece_with_ci(p, y, part["task_id"].to_numpy(), cfg.eval.bootstrap_samples, cfg.seed)
+        out[name] = {"ece": float(ece(p, y)), "ece_ci": ece_ci, "brier": float(brier(p, y)),
+                     "n_calibration_rows": int(len(y)), "n_calibration_games": int(part["task_id"].nunique()),
                      "auroc": float(auroc(p, y)) if 0 < y.mean() < 1 else None, "label": label_col}
     return out
 

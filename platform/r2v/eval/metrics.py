@@ -99,6 +99,24 @@ def ece(p: Any, y: Any, bins: int = 15) -> float:
     return float(gap.sum() / p.size) if n.sum() else float("nan")
 
 
+def ece_with_ci(p: Any, y: Any, games: Any, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                bins: int = 15) -> tuple[float, list[float]]:
+    """(ECE, [lo, hi]) with a percentile cluster bootstrap over games: each resample draws games with
+    replacement and recomputes the ECE on all their steps (a game's steps are not independent)."""
+    p, y = _arr(p), _arr(y)
+    _, inv = np.unique(np.asarray(games).reshape(-1), return_inverse=True)
+    if p.size == 0:
+        return float("nan"), [float("nan"), float("nan")]
+    idx = np.clip((p * bins).astype(int), 0, bins - 1)
+    stats = []
+    for w in game_weights(int(inv.max()) + 1, n_boot, seed):
+        sw = w[inv]  # each step weighs as often as its game was drawn
+        n = np.bincount(idx, weights=sw, minlength=bins)
+        gap = np.abs(np.bincount(idx, weights=sw * p, minlength=bins) - np.bincount(idx, weights=sw * y, minlength=bins))
+        stats.append(gap.sum() / n.sum())
+    return ece(p, y, bins), _quantiles(np.asarray(stats), level)
+
+
 def auroc(scores: Any, labels: Any) -> float:
     """Area under the ROC curve (Mann–Whitney, ties count half); NaN when only one class is present."""
     s, y = _arr(scores), _arr(labels)
@@ -327,6 +345,6 @@ def frontier_bootstrap(steps: Any, *, slm: str = "slm_only", teacher: str = "llm
     return out
 
 
-__all__ = ["success_with_ci", "game_weights", "worst_seed_success", "cvar_failure", "brier", "ece", "auroc", "cost",
+__all__ = ["ece_with_ci", "success_with_ci", "game_weights", "worst_seed_success", "cvar_failure", "brier", "ece", "auroc", "cost",
            "summarise_method", "split_method", "router_curves", "curve_auc", "calls_to_reach", "frontier_summary",
            "frontier_bootstrap", "SUMMARY_KEYS"]
