@@ -21,7 +21,8 @@ from r2v.config import R2VConfig
 from r2v.eval.metrics import SUMMARY_KEYS, frontier_bootstrap, frontier_summary, router_curves, split_method
 from r2v.experiment import Experiment
 
-RESULT_KEYS = SUMMARY_KEYS
+# a budgeted method's target and the rate its τ gave on the calibration games, beside the realised test rate
+RESULT_KEYS = SUMMARY_KEYS + ("budget", "calibration_call_rate", "threshold")
 ROUTER_ORDER = ("r2v", "entropy", "random", "verifier", "heuristic", "pre_execution", "steer")
 TEACHER, SLM = "llm_only", "slm_only"
 AUC_MAX, TEACHER_MARGIN = 0.5, 0.02  # AUC over calls/step in [0, 0.5]; "teacher quality" = teacher − 2 points
@@ -59,8 +60,8 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def budget_table(results: dict[str, dict[str, Any]]) -> str:
-    """Budgets x routers: `success [95% CI] @ realised LLM calls/step` (the budget is what τ was set for on
-    validation rows; the realised live rate can differ)."""
+    """Budgets x routers: `success [95% CI] @ realised LLM calls/step (the rate τ gave on the calibration games)`:
+    τ is set by routed episodes on validation games; the test games' rate can differ."""
     curves = router_curves(results)
     if not curves:
         return "_no `router@budget` methods were evaluated (set `eval.budgets`)_\n"
@@ -71,8 +72,10 @@ def budget_table(results: dict[str, dict[str, Any]]) -> str:
         cells = []
         for base in routers:
             r = next((results[n] for n in curves[base] if split_method(n)[1] == b), None)
+            cal = r.get("calibration_call_rate") if r else None
             cells.append("–" if r is None else
-                         f"{_fmt(r['success'])} {_ci(r['success_ci'])} @ {_fmt(r['llm_call_rate'])}")
+                         f"{_fmt(r['success'])} {_ci(r['success_ci'])} @ {_fmt(r['llm_call_rate'])}"
+                         + (f" (cal. {_fmt(cal)})" if cal is not None else ""))
         lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -234,7 +237,8 @@ def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=float))
     (out / "results.md").write_text(
         f"# {title}\n\n" + markdown_table(results)
-        + "\n## Matched LLM-call budgets\n\nsuccess [95% CI by game] @ realised live LLM calls/step\n\n"
+        + "\n## Matched LLM-call budgets\n\nsuccess [95% CI by game] @ realised live LLM calls/step on the test games "
+          "(the rate the same τ gave on the calibration games)\n\n"
         + budget_table(results) + "\n## Frontier per router\n\n" + frontier_table(front))
     plot_frontier(results, out / "frontier.png", sweep_frontier)
     return front
