@@ -87,12 +87,10 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     return routers, notes
 
 
-LABEL_COLUMNS = {"episode": "episode_failed", "step": "step_label", "branch": "branch_label"}  # router.label → column
-
-
 def offline_calibration(cfg: R2VConfig, routers: dict[str, Router]) -> dict[str, dict[str, float]]:
     """ECE/Brier of probabilistic routers on held-out test router rows, against the label they predict."""
     from r2v.eval.metrics import auroc, brier, ece, ece_with_ci
+    from r2v.router.model import LABEL_COLUMNS
     from r2v.router.stage import read_router_rows
 
     rows = read_router_rows(cfg)
@@ -122,7 +120,7 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
-    from r2v.rollout.live_budget import router_identity
+    from r2v.rollout.live_budget import routing_name
     from r2v.rollout.router_rows import RoutedAgentFactory
     from r2v.rollout.stage import collection_inputs, tasks_by_split
 
@@ -137,7 +135,7 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
     factories, units, policy_of = {}, [], {}
     for name, router in routers.items():
         # methods that route identically (same router, same τ: e.g. `r2v` and `r2v@<router.budget>`) share episodes
-        policy = policy_of[name] = f"routed-{router.name}#{router_identity(router)}~{router.threshold:.10g}"
+        policy = policy_of[name] = "routed-" + routing_name(router, router.threshold)
         if policy not in factories:
             factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
             units += plan_units(tasks, list(cfg.eval.perturbation_seeds), 1, policy)

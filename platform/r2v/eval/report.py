@@ -247,7 +247,8 @@ def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=
 def run_report(cfg: R2VConfig) -> dict[str, Any]:
     import pandas as pd
 
-    from r2v.eval.live import LABEL_COLUMNS, feature_rows, read_eval
+    from r2v.eval.live import feature_rows, read_eval
+    from r2v.router.model import LABEL_COLUMNS
     from r2v.router.baselines import make_router
     from r2v.router.stage import read_router_rows
 

@@ -42,6 +42,12 @@ def router_identity(router: Router) -> str:
     return h.hexdigest()[:10]
 
 
+def routing_name(router: Router, tau: float) -> str:
+    """The policy name of routed episodes: router, identity and τ, so episodes that route identically are shared
+    and a changed router or τ never reuses another's episodes."""
+    return f"{router.name}#{router_identity(router)}~{tau:.10g}"
+
+
 def calibration_tasks(cfg: R2VConfig) -> list:
     """The games τ is calibrated on: the router's calibration games (never the test games)."""
     from r2v.envs.registry import load_tasks
@@ -74,7 +80,6 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     tasks = {"val": calibration_tasks(cfg)}
     seeds = list(cfg.router.budget_seeds)
     model_dir = str(Experiment(cfg).deployed_policy_dir())
-    ids = {n: router_identity(routers[n]) for n in budgets}
     out_dir = probes_dir(cfg)
     inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
@@ -84,7 +89,7 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
         for name, tau in taus.items():
             router = copy.deepcopy(routers[name])
             router.threshold, router.strict = float(tau), False
-            policy = policies[name] = f"{routers[name].name}#{ids[name]}~{tau:.10g}"
+            policy = policies[name] = routing_name(routers[name], tau)
             factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
             units += plan_units(tasks, seeds, 1, policy)
         print(f"[budget] {len(taus)} routers x {len(units) // len(taus)} routed episodes on calibration games")
