@@ -80,6 +80,33 @@ def test_upstream_rerun_outside_the_pipeline_invalidates_downstream(tmp_path, gr
     assert got["first"][0] == got["side"][0] == "skip"
 
 
+def test_content_addressed_stage_rerun_with_same_bytes_keeps_downstream(tmp_path, graph, monkeypatch):
+    """A stage with deterministic products (e.g. `r2v tasks` run by hand) is identified by their bytes: the
+    same bytes keep downstream up to date, different bytes re-run it."""
+    product = tmp_path / "product.txt"
+    product.write_text("v1")
+    monkeypatch.setattr(pipeline, "CONTENT_ADDRESSED", {"second": lambda exp: [product]})
+    cfg = cfg_with(tmp_path)
+    pipeline.run_pipeline(cfg, echo=lambda s: None)
+    pipeline.run_stage(cfg, "second")
+    assert decisions(cfg)["third"] == ("skip", "up to date")
+    product.write_text("v2")
+    pipeline.run_stage(cfg, "second")
+    assert decisions(cfg)["third"] == ("run", "upstream second changed since this stage ran")
+
+
+def test_content_digest_covers_names_and_bytes(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "a.bin").write_bytes(b"x" * 3_000_000)  # more than one read block
+    first = pipeline.content_digest([d])
+    assert pipeline.content_digest([d]) == first
+    (d / "a.bin").write_bytes(b"x" * 2_999_999 + b"y")
+    assert pipeline.content_digest([d]) != first
+    (d / "a.bin").rename(d / "b.bin")
+    assert pipeline.content_digest([d]) not in (first, pipeline.content_digest([tmp_path / "missing"]))
+
+
 def test_from_forces_and_until_stops(tmp_path, graph):
     cfg = cfg_with(tmp_path)
     pipeline.run_pipeline(cfg, echo=lambda s: None)

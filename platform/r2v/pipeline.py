@@ -67,6 +67,18 @@ STAGES: tuple[Stage, ...] = (
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
+# Stages whose products are deterministic files: a run is identified by their bytes, so re-running such a
+# stage by hand (`r2v tasks`, `--from init-model`) and getting the same bytes leaves downstream up to date.
+# Every other stage (episode shards carry latencies) is identified by its run id: any re-run invalidates
+# what was built from it.
+CONTENT_ADDRESSED: dict[str, Callable[[Experiment], list[Path]]] = {
+    "tasks": lambda e: [e.splits_file],
+    "init-model": lambda e: [e.model("init")],
+    "train-bc": lambda e: [e.model("bc")],
+    "train-dpo": lambda e: [e.model("dpo")],
+    "train-verifier": lambda e: [e.model("verifier")],
+}
+
 
 def get_stage(name: str) -> Stage:
     for s in STAGES:
@@ -100,12 +112,29 @@ def section_hashes(cfg: R2VConfig) -> dict[str, str]:
     return {name: _digest(value) for name, value in to_dict(cfg).items()}
 
 
+def content_digest(paths: list[Path]) -> str:
+    """sha256 over the bytes of every file under `paths` (names relative to each path, sorted)."""
+    h = hashlib.sha256()
+    for top in paths:
+        if top.is_dir():
+            files = [(str(f.relative_to(top)), f) for f in sorted(top.rglob("*")) if f.is_file()]
+        else:
+            files = [(top.name, top)] if top.is_file() else []
+        for name, f in files:
+            h.update(f"{name}\0".encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def marker_digest(marker: dict[str, Any] | None) -> str | None:
-    """Identity of one finished run of a stage: its config, its upstream digests and its run id (so a
-    re-run, even with the same config, invalidates what was built from the previous run's products)."""
+    """Identity of one finished run of a stage: its config, its upstream digests, and either the digest
+    of its products (`CONTENT_ADDRESSED` stages) or its run id (a re-run invalidates downstream)."""
     if not marker:
         return None
-    return _digest({k: marker.get(k) for k in ("sections", "upstream", "run_id")})
+    identity = "products" if marker.get("products") else "run_id"
+    return _digest({k: marker.get(k) for k in ("sections", "upstream", identity)})
 
 
 def stale_reason(cfg: R2VConfig, stage: Stage, hashes: dict[str, str], rerun: Collection[str] = ()) -> str | None:
@@ -167,10 +196,11 @@ def run_stage(cfg: R2VConfig, name: str, tracker=None) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     hashes = section_hashes(cfg)
     sections = {s: hashes[s] for s in stage.reads}
+    products = CONTENT_ADDRESSED.get(stage.name)
     marker = {"stage": stage.name, "config_hash": _digest(sections), "sections": sections,
               "upstream": {up: marker_digest(read_marker(cfg, up)) for up in stage.upstream},
-              "run_id": uuid.uuid4().hex, "wall_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "summary": summary}
+              "run_id": uuid.uuid4().hex, "products": content_digest(products(Experiment(cfg))) if products else None,
+              "wall_s": wall, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(marker, indent=2, default=str))
     tmp.replace(path)
