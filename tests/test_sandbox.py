@@ -216,3 +216,103 @@ def test_require_sandbox_names_the_fix(monkeypatch):
     monkeypatch.setattr("r2v.sandbox.shutil.which", lambda name: None)
     with pytest.raises(R2VError, match="apt-get install bubblewrap"):
         require_sandbox()
+
+
+# ------------------------------------------------------------------------------------------ persistent shell
+@pytest.fixture
+def shell(sb):
+    return sb.shell()
+
+
+def test_shell_keeps_state_and_survives_bad_commands(shell):
+    assert shell.run("cd /tmp; X=1; export Y=2; f() { echo \"f:$1\"; }").exit_code == 0
+    res = shell.run("pwd; echo $X $Y; f a; bash -c 'echo child:$X:$Y'")
+    assert res.stdout == "/tmp\n1 2\nf:a\nchild::2\n" and res.exit_code == 0 and not res.restarted
+    assert shell.run("false").exit_code == 1
+    bad = shell.run("echo 'unbalanced")  # a parse error fails this command only
+    assert bad.exit_code == 2 and "unexpected EOF" in bad.stdout and not bad.restarted
+    assert shell.run("cat; read -r line; echo read=$?").stdout == "read=1\n"  # stdin is empty, not the protocol
+    assert shell.run("printf no-newline").stdout == "no-newline"
+    fake = shell.run("echo '__r2v_end_0_1__ 0'; echo after")  # text that looks like a marker is just output
+    assert fake.stdout == "__r2v_end_0_1__ 0\nafter\n"
+    assert shell.run("ls /nope").stdout.startswith("ls: cannot access")  # stderr is in the output
+    gone = shell.run("exit 7")
+    assert gone.exit_code == 7 and "exited (exit code 7)" in gone.restarted
+    assert shell.run("pwd; echo X=$X").stdout == "/app\nX=\n" and not shell.run("true").restarted
+
+
+def test_shell_network_is_blocked(shell):
+    res = shell.run("python3 -c \"import socket; s = socket.socket(); s.settimeout(2); s.connect(('1.1.1.1', 53))\"")
+    assert res.exit_code != 0 and "Network is unreachable" in res.stdout
+
+
+def test_shell_cannot_write_outside_app(shell):
+    marker = f"r2v-shell-test-{uuid.uuid4().hex}"
+    res = shell.run(f"cd /usr && touch {marker}; touch /etc/{marker}; cd /tmp && echo x > {marker} && cat {marker}")
+    assert res.stdout.count("Read-only file system") == 2 and res.stdout.endswith("x\n")
+    assert shell.run(f"cat /tmp/{marker}").stdout == "x\n"  # its /tmp lives as long as the shell...
+    for d in ("/usr", "/etc", "/tmp"):  # ...but nothing reached the host
+        assert not Path(d, marker).exists()
+
+
+def test_shell_timeout_kills_the_command_not_the_shell(shell):
+    shell.run("cd /tmp; V=kept")
+    res = shell.run("sleep 30", timeout=1)
+    assert res.timed_out and res.exit_code == 124 and not res.restarted and res.duration_s < 4
+    assert shell.run("pwd; echo $V").stdout == "/tmp\nkept\n"
+    busy = shell.run("while true; do :; done", timeout=1)  # the shell itself loops: it is restarted
+    assert busy.timed_out and "timed out" in busy.restarted and busy.duration_s < 5
+    assert shell.run("pwd; echo V=$V").stdout == "/app\nV=\n"
+
+
+def test_shell_background_jobs_end_with_their_step(shell):
+    res = shell.run("sleep 30 & (sleep 31 &) ; echo started")
+    assert res.stdout == "started\n" and res.duration_s < 4
+    assert shell.run("ps -e -o comm=").stdout.split() == ["bwrap", "bash", "ps"]
+
+
+def test_shell_fork_bomb_is_contained(sb, shell):
+    start = time.monotonic()
+    res = shell.run(":(){ :|:& };:", timeout=3)  # returns at once; its processes are reaped after the step
+    assert time.monotonic() - start < 10
+    res = shell.run("python3 -c 'import os\nwhile True:\n    try: os.fork()\n    except OSError: pass'", timeout=3)
+    assert res.timed_out and time.monotonic() - start < 20
+    assert shell.run("ps -e -o comm=").stdout.split() == ["bwrap", "bash", "ps"]
+    if os.geteuid() == 0:  # nothing of the sandbox runs but bwrap and the shell
+        assert len(_uid_processes(sb.uid)) <= 3
+    t = time.monotonic()
+    assert subprocess.run(["true"]).returncode == 0 and time.monotonic() - t < 2  # host still responsive
+    assert shell.run("echo alive").stdout == "alive\n"
+
+
+def test_shell_output_flood_is_cut_off():
+    with Sandbox(SandboxLimits(max_output_bytes=1000, wall_seconds=10)) as box:
+        shell = box.shell()
+        res = shell.run("cd /tmp; yes")
+        assert res.output_truncated and len(res.stdout) == 1000 and not res.timed_out and res.duration_s < 8
+        assert not res.restarted and shell.run("pwd").stdout == "/tmp\n"
+        small = shell.run("echo small")
+        assert small.stdout == "small\n" and not small.output_truncated
+
+
+def test_shell_memory_and_cpu_limits():
+    with Sandbox(SandboxLimits(memory_mb=256, cpu_seconds=1, wall_seconds=15)) as box:
+        shell = box.shell()
+        res = shell.run("python3 -c 'x = bytearray(512 * 1024 * 1024)'")
+        assert res.exit_code != 0 and "MemoryError" in res.stdout
+        res = shell.run("python3 -c 'while True: pass'")
+        assert not res.timed_out and res.exit_code != 0 and res.duration_s < 8
+        assert shell.run("echo ok").stdout == "ok\n"
+
+
+def test_shell_closes_with_the_sandbox():
+    box = Sandbox()
+    shell = box.shell()
+    shell.run("echo x > f.txt")
+    pid = shell._proc.pid
+    box.close()
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    with pytest.raises(R2VError, match="closed"):
+        shell.run("true")
+    with pytest.raises(R2VError, match="closed"):
+        box.shell()

@@ -1,37 +1,52 @@
 """Terminal tasks in the Terminal-Bench layout, run in a bubblewrap sandbox (or Docker where available).
 
-A task is a directory:
+A task is a directory, as Terminal-Bench ships it (copy one in unchanged) or with r2v's lighter extras:
 
     <task>/task.yaml            instruction: (required); difficulty: easy|medium|hard; category: ...;
                                 max_test_timeout_sec: (default 60); docker_image: (docker backend only)
     <task>/solution.sh          the oracle: each non-comment line is one step (a line ending in `\\` and a
                                 heredoc `<<EOF ... EOF` continue onto the next lines); a step ending in
-                                `# r2v: may-fail` is a diagnostic expected to fail (not retried)
-    <task>/run-tests.sh         run at `submit` as `bash /tests/run-tests.sh` with TEST_DIR=/tests, cwd /app
+                                `# r2v: may-fail` is a diagnostic expected to fail (not retried).
+                                Or Terminal-Bench's solution.yaml: a list of `{command: ...}`, one step each
+    <task>/run-tests.sh         run at `submit` as `bash /tests/run-tests.sh` with TEST_DIR=/tests, in the
+                                task's WORKDIR (/app unless the Dockerfile says otherwise)
     <task>/tests/...            e.g. test_outputs.py; mounted read-only at /tests only at submit time, so the
                                 agent never sees them; exit code 0 of run-tests.sh = success
-    <task>/environment/...      optional: files the agent finds in /app at the start
-    <task>/setup.sh             optional: run once in /app after copying environment/ (e.g. build a git
-                                history); hidden from the agent
+    <task>/Dockerfile           optional; the docker backend builds it. The sandbox backend replays it
+                                (`parse_dockerfile`): WORKDIR (under /app), ENV, COPY/ADD into /app, RUN lines
+                                run once at reset, with package installs and downloads skipped (logged: there
+                                is no network). docker-compose.yaml, if any, is not read by the sandbox backend
+    <task>/environment/...      optional (r2v): files the agent finds in /app at the start
+    <task>/setup.sh             optional (r2v): run once after the above (e.g. build a git history); hidden
+                                from the agent
 
-Mapping Terminal-Bench: its Dockerfile's `COPY` sources go into `environment/` and its `RUN` lines into
-`setup.sh` (only host tools exist in the sandbox, no apt/pip: no network). Its run-tests.sh usually installs
-pytest with uv (network): rewrite it to `python3 $TEST_DIR/test_outputs.py`, or use backend=docker,
-which builds the task's Dockerfile and runs the original scripts in a container.
+In the sandbox, Terminal-Bench's test tooling is stood in for (`sandbox_tools`): `pytest` is r2v's own,
+mounted read-only, and `uv run`/`uvx`/`pip install`/`apt-get` lines run the command or are skipped, so an
+unchanged run-tests.sh (`uv add pytest; uv run pytest $TEST_DIR/test_outputs.py`) works offline.
 
-Actions are shell commands, one per step, each in a fresh `bash -c` in /app (files persist; `cd` and
-`export` do not). The action `submit` ends the episode and runs the tests. The episode also ends,
-unsuccessfully, after env.max_steps steps.
+Actions are shell commands, one per step, all typed into one persistent bash per episode (as into
+Terminal-Bench's tmux session): `cd`, variables, exports and functions carry over between steps; background
+jobs end with their step; a timed-out command is killed, and if the shell has to be restarted the
+observation says so (see r2v.sandbox). The action `submit` ends the episode and runs the tests. The episode
+also ends, unsuccessfully, after env.max_steps steps. Branch replays rebuild a state by resetting and
+replaying the recorded actions, so the shell's state is reproduced too.
 """
 from __future__ import annotations
 
+import atexit
+import json
+import logging
 import os
+import posixpath
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
 import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +55,9 @@ import yaml
 from r2v.envs.base import Observation, StepResult, Task
 from r2v.envs.registry import register_env
 from r2v.errors import R2VError
-from r2v.sandbox import Sandbox, SandboxLimits, require_sandbox
+from r2v.sandbox import PersistentShell, Sandbox, SandboxLimits, require_sandbox
+
+log = logging.getLogger(__name__)
 
 BUNDLED_TASKS_DIR = Path(__file__).resolve().parent / "terminal_tasks"
 SUBMIT = "submit"
@@ -100,6 +117,175 @@ def parse_solution(text: str) -> list[tuple[str, bool]]:
     return cmds
 
 
+def load_solution(task_dir: Path) -> list[tuple[str, bool]] | None:
+    """The oracle's steps from solution.sh, or from Terminal-Bench's solution.yaml (a list of
+    `{command: ..., ...}`, one step each); None when the task has neither."""
+    sh, yml = task_dir / "solution.sh", task_dir / "solution.yaml"
+    if sh.is_file():
+        return parse_solution(sh.read_text())
+    if not yml.is_file():
+        return None
+    items = yaml.safe_load(yml.read_text())
+    if not isinstance(items, list) or not all(isinstance(i, dict) and "command" in i for i in items):
+        raise R2VError(f"{yml}: expected a list of {{command: ...}} entries (Terminal-Bench's solution.yaml)")
+    return [(str(i["command"]).strip(), False) for i in items if str(i["command"]).strip()]
+
+
+# ---------------------------------------------------------------------------------------------- Dockerfile
+_INSTALLER = re.compile(r"^(sudo\s+)?(apt-get|apt|apk|yum|dnf|conda|mamba|pip3?|python3?\s+-m\s+pip|uv|uvx|curl|"
+                        r"wget|npm|npx|cargo|rustup|gem|go\s+install)\b")
+
+
+@dataclass
+class DockerfilePlan:
+    """What the sandbox backend takes from a Terminal-Bench Dockerfile, in order."""
+
+    workdir: str = "/app"
+    env: dict[str, str] = field(default_factory=dict)
+    steps: list[tuple] = field(default_factory=list)  # ("copy", [host srcs], dest) | ("run", command, cwd, where)
+    skipped: list[str] = field(default_factory=list)  # what could not be reproduced (logged as warnings)
+
+
+def _split_commands(cmd: str) -> list[str]:
+    """Split a shell command at top-level `&&`, `;` and newlines (quotes and escapes respected)."""
+    parts, cur, quote, i = [], "", None, 0
+    while i < len(cmd):
+        c = cmd[i]
+        if c == "\\" and quote != "'":
+            cur, i = cur + cmd[i:i + 2], i + 2
+            continue
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in ";\n" or cmd.startswith("&&", i):
+            parts.append(cur)
+            cur, i = "", i + (2 if c == "&" else 1)
+            continue
+        cur, i = cur + c, i + 1
+    return [p.strip() for p in parts + [cur] if p.strip()]
+
+
+def _expand(text: str, variables: dict[str, str]) -> str:
+    """`$NAME` / `${NAME}` from the Dockerfile's ARG/ENV values (unknown names become empty, as in Docker)."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m.group(1) or m.group(2), ""), text)
+
+
+def parse_dockerfile(task_dir: Path, base_env: dict[str, str] | None = None) -> DockerfilePlan:
+    """Read `task_dir/Dockerfile` into the sandbox's start state: `WORKDIR` (must be /app or below: only
+    /app is writable), `ENV`, `COPY`/`ADD` of build-context files into /app, and `RUN` commands, minus
+    package installs and downloads (no network: skipped and listed in `skipped`)."""
+    path = task_dir / "Dockerfile"
+    plan, variables, lines, cur, start = DockerfilePlan(), dict(base_env or {}), [], "", 0
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        if raw.lstrip().startswith("#"):  # comments, also inside a continued instruction
+            continue
+        if not cur:
+            start = n  # errors name an instruction's first line
+        cur += raw.rstrip()  # a continuation drops the backslash and the newline, as Docker does
+        if cur.endswith("\\"):
+            cur = cur[:-1]
+            continue
+        if cur.strip():
+            lines.append((start, cur.strip()))
+        cur = ""
+    wd = "/app"
+    for n, line in lines:
+        where = f"{path}:{n}"
+        instr, _, args = line.partition(" ")
+        instr, args = instr.upper(), args.strip()
+        if instr == "ARG":
+            name, _, default = args.partition("=")
+            variables.setdefault(name.strip(), default.strip().strip('"'))
+        elif instr == "ENV":
+            pairs = shlex.split(args)
+            if pairs and "=" not in pairs[0]:  # legacy `ENV NAME value`
+                pairs = [f"{pairs[0]}={' '.join(pairs[1:])}"]
+            for pair in pairs:
+                name, _, value = pair.partition("=")
+                variables[name] = plan.env[name] = _expand(value, variables)
+        elif instr == "WORKDIR":
+            wd = posixpath.normpath(posixpath.join(wd, _expand(args, variables)))
+            if wd != "/app" and not wd.startswith("/app/"):
+                raise R2VError(f"{where}: WORKDIR {wd} is outside /app, and the sandbox backend can only write "
+                               "/app: move the task to /app or use env.terminal.backend=docker")
+            plan.steps.append(("run", f"mkdir -p {shlex.quote(wd)}", "/app", where))
+        elif instr in ("COPY", "ADD"):
+            tokens = json.loads(args) if args.startswith("[") else shlex.split(args)
+            tokens = [_expand(t, variables) for t in tokens if not t.startswith("--")]
+            if len(tokens) < 2:
+                raise R2VError(f"{where}: {instr} needs a source and a destination")
+            dest = posixpath.normpath(posixpath.join(wd, tokens[-1])) + ("/" if tokens[-1].endswith("/") else "")
+            srcs = []
+            for src in tokens[:-1]:
+                found = sorted(task_dir.glob(src.lstrip("/"))) if "://" not in src else []
+                if not found:
+                    raise R2VError(f"{where}: {instr} source {src!r} not found in {task_dir}")
+                srcs += found
+            if dest.rstrip("/") != "/app" and not dest.startswith("/app/"):
+                plan.skipped.append(f"{where}: {instr} to {dest} (outside /app)")
+                continue
+            plan.steps.append(("copy", srcs, dest + ("/" if len(srcs) > 1 and not dest.endswith("/") else "")))
+        elif instr == "RUN":
+            command = shlex.join(json.loads(args)) if args.startswith("[") else args
+            parts = _split_commands(command)
+            plan.skipped += [f"{where}: RUN {p}" for p in parts if _INSTALLER.match(p)]
+            keep = [p for p in parts if not _INSTALLER.match(p)]
+            if keep:
+                plan.steps.append(("run", " && ".join(keep), wd, where))
+    plan.workdir = wd
+    return plan
+
+
+def _compose_extras(task_dir: Path) -> list[str]:
+    """Services of docker-compose.yaml besides the task's own container: the sandbox backend runs none."""
+    path = task_dir / "docker-compose.yaml"
+    if not path.is_file():
+        return []
+    services = (yaml.safe_load(path.read_text()) or {}).get("services") or {}
+    return [f"{path}: service {name!r} (only the Dockerfile is replayed)" for name in list(services)[1:]]
+
+
+# ---------------------------------------------------------------------------------------------- tools
+_SHIMS = {  # Terminal-Bench scripts install their tools from the network; in the sandbox these stand in
+    "pytest": 'PYTHONPATH="/opt/r2v/site-packages${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1 '
+              'PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 exec /usr/bin/python3 -m pytest -p no:cacheprovider "$@"',
+    "python": 'exec /usr/bin/python3 "$@"',
+    "uv": 'if [ "$1" = run ]; then shift\n'
+          '  while [ $# -gt 0 ]; do case "$1" in --with|--python|-p|--project|--directory) shift 2;; '
+          '--*) shift;; *) break;; esac; done\n  exec "$@"\nfi\n'
+          'echo "r2v sandbox: skipped \\`uv $*\\` (no network; pytest is available)" >&2',
+    "uvx": 'while [ $# -gt 0 ]; do case "$1" in --with|--from|--python|-p) shift 2;; --*) shift;; *) break;; esac; '
+           'done\ncmd="${1%%==*}"; shift; exec "$cmd" "$@"',
+    "pip": 'if [ "$1" = install ]; then echo "r2v sandbox: skipped \\`pip $*\\` (no network)" >&2; exit 0; fi\n'
+           'exec /usr/bin/python3 -m pip "$@"',
+    "apt-get": 'echo "r2v sandbox: skipped \\`apt-get $*\\` (no network)" >&2',
+}
+_SHIMS.update({"pip3": _SHIMS["pip"], "apt": _SHIMS["apt-get"]})
+
+
+@lru_cache(maxsize=1)
+def sandbox_tools() -> tuple[dict[str, Path], dict[str, str]]:
+    """(binds, env) that give the sandbox Terminal-Bench's test tooling: r2v's own pytest (its site-packages
+    mounted read-only, used by a `pytest` shim through the system python3, same minor version needed) and
+    stand-ins for uv/uvx/pip/apt-get that run the command without installing (`uv run pytest` -> pytest)."""
+    bin_dir = Path(tempfile.mkdtemp(prefix="r2v-tb-tools-"))
+    atexit.register(shutil.rmtree, bin_dir, True)
+    for name, body in _SHIMS.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        os.chmod(bin_dir / name, 0o755)
+    os.chmod(bin_dir, 0o755)
+    binds = {"/opt/r2v/bin": bin_dir}
+    try:
+        import pytest
+
+        binds["/opt/r2v/site-packages"] = Path(pytest.__file__).resolve().parents[1]
+    except ImportError:
+        log.warning("pytest is not installed next to r2v: Terminal-Bench tests that use it will fail "
+                    "(pip install pytest)")
+    return binds, {"PATH": "/opt/r2v/bin:/usr/bin:/bin:/usr/sbin:/sbin:/usr/local/bin"}
+
+
 def _tasks_dir(env_cfg) -> Path:
     configured = getattr(getattr(env_cfg, "terminal", None), "tasks_dir", None)
     path = Path(configured).expanduser() if configured else BUNDLED_TASKS_DIR
@@ -129,6 +315,11 @@ def docker_exec_command(name: str, command: str, env: dict[str, str] | None = No
     for k, v in (env or {}).items():
         argv += ["-e", f"{k}={v}"]
     return argv + [name, "bash", "-c", command]
+
+
+def docker_shell_command(name: str) -> list[str]:
+    """The episode's persistent shell: a bash in the container reading commands from stdin."""
+    return ["docker", "exec", "-i", "-w", "/app", name, "bash", "--noprofile", "--norc", "-s"]
 
 
 def docker_available() -> bool:
@@ -180,6 +371,13 @@ class DockerSession:
         return SandboxResult(res.returncode, res.stdout[:cap], res.stderr[:cap], False,
                              len(res.stdout) > cap or len(res.stderr) > cap, 0.0)
 
+    def shell(self) -> PersistentShell:
+        """One `docker exec -i` bash for the episode; its processes live in the container, out of our reach,
+        so a timed-out command restarts the shell (after killing everything but the container's init)."""
+        def kill_all():
+            subprocess.run(["docker", "exec", self.name, "bash", "-c", "kill -9 -1"], capture_output=True)
+        return PersistentShell(docker_shell_command(self.name), self.limits, cleanup=kill_all)
+
     def close(self) -> None:
         subprocess.run(["docker", "rm", "-f", self.name], capture_output=True)
 
@@ -208,6 +406,7 @@ class TerminalEnv:
         self.max_output_chars = max_output_chars
         self.max_steps = max_steps
         self._session = None
+        self._shell: PersistentShell | None = None
         self._hidden_dirs: list[Path] = []
         self._task: Task | None = None
         self._done = True
@@ -244,30 +443,62 @@ class TerminalEnv:
         self._meta = _read_task_yaml(task_dir)
         self._task_dir = task_dir
         self._task = task
-        sol = task_dir / "solution.sh"
-        self._solution = parse_solution(sol.read_text()) if sol.is_file() else None
+        self._solution = load_solution(task_dir)
         self._oracle_idx, self._oracle_retried = 0, False
         self._steps, self._done = 0, False
+        self._binds, self._env, self._workdir = {}, {}, "/app"
         env_dir = task_dir / "environment"
         if self.backend == "docker":
             self._session = DockerSession(task_dir, self._meta, self.limits)
             if env_dir.is_dir():
                 self._session.copy_in(env_dir, "/app")
+            self._shell = self._session.shell()
         else:
             require_sandbox()
             self._session = Sandbox(self.limits, workdir=env_dir if env_dir.is_dir() else None)
+            self._binds, self._env = sandbox_tools()
+            plan = (parse_dockerfile(task_dir, self._env) if (task_dir / "Dockerfile").is_file()
+                    else DockerfilePlan())
+            plan.skipped += _compose_extras(task_dir)
+            self._env = {**self._env, **plan.env}
+            self._shell = self._session.shell(self._binds, self._env)
+            self._build(plan)
         if (task_dir / "setup.sh").is_file():
-            res = self._session.run("bash /setup/setup.sh", binds={"/setup": self._hidden_copy(["setup.sh"])})
+            res = self._session.run("bash /setup/setup.sh", binds={"/setup": self._hidden_copy(["setup.sh"])},
+                                    env=self._env)
             if res.exit_code != 0:
                 self.close()
                 raise R2VError(f"{task_dir / 'setup.sh'} failed (exit {res.exit_code}): {res.stdout[-300:]}"
                                f"{res.stderr[-300:]}")
+        if self._workdir != "/app":
+            self._shell.run(f"cd {shlex.quote(self._workdir)}")
         self._goal = task.goal or str(self._meta["instruction"]).strip()
-        listing = self._session.run("ls -A").stdout.split()
+        listing = self._shell.run("ls -A").stdout.split()
         files = ", ".join(listing[:30]) + (", ..." if len(listing) > 30 else "") if listing else "(empty)"
-        text = (f"{self._goal}\n\nYou are in a bash shell in /app (files: {files}). Each step runs one command "
-                f"in a fresh shell (files persist, `cd` does not). Send `{SUBMIT}` when the task is done.")
+        text = (f"{self._goal}\n\nYou are in a bash shell in {self._workdir} (files: {files}). Each step runs one "
+                f"command in the same shell (`cd`, variables and exports carry over; background jobs end with "
+                f"their step). Send `{SUBMIT}` when the task is done.")
         return Observation(goal=self._goal, text=text, admissible=None)
+
+    def _build(self, plan: DockerfilePlan) -> None:
+        """Replay a Dockerfile's COPY and RUN steps in the sandbox (RUNs in a subshell of the episode's
+        shell, so what they leave in /tmp is there too); what cannot be reproduced is logged."""
+        for what in plan.skipped:
+            log.warning("%s skipped in the sandbox backend (no network, only /app writable)", what)
+        for step in plan.steps:
+            if step[0] == "copy":
+                rel = posixpath.relpath(step[2], "/app") + ("/" if step[2].endswith("/") else "")
+                for src in step[1]:
+                    self._session.copy_in(src, rel)
+                continue
+            _, command, cwd, where = step
+            res = self._shell.run(f"(cd {shlex.quote(cwd)} || exit; {command}\n)")
+            if res.exit_code != 0 or res.restarted:
+                self.close()
+                raise R2VError(f"{where}: RUN failed in the sandbox (exit {res.exit_code}): {res.stdout[-300:]!r}; "
+                               "there is no network and only /app and /tmp are writable: adapt the line, or "
+                               "use env.terminal.backend=docker")
+        self._workdir = plan.workdir
 
     def _hidden_copy(self, names: list[str]) -> Path:
         """Copy task files the agent must not see into a host temp dir that is mounted read-only for one
@@ -297,8 +528,8 @@ class TerminalEnv:
             obs, info = "(empty command: send a shell command, or `submit`)", {"exit_code": None}
             failed, truncated = True, False
         else:
-            res = self._session.run("exec 2>&1\n" + action)
-            out = res.stdout + res.stderr
+            res = self._shell.run(action)
+            out = res.stdout
             truncated = res.output_truncated or len(out) > self.max_output_chars
             if len(out) > self.max_output_chars:
                 half = self.max_output_chars // 2
@@ -307,9 +538,14 @@ class TerminalEnv:
                 out += "\n...[output truncated]..."
             status = (f"[timed out after {self.limits.wall_seconds:g}s]" if res.timed_out
                       else f"[exit code {res.exit_code}]")
+            if res.restarted:
+                if self._workdir != "/app":
+                    self._shell.run(f"cd {shlex.quote(self._workdir)}")
+                status += (f"\n[{res.restarted}: a new shell was started in {self._workdir}; the working "
+                           "directory, variables and functions were reset, files were kept]")
             obs = f"{out.rstrip()}\n{status}".lstrip("\n")
-            failed = res.timed_out or res.exit_code != 0
-            info = {"exit_code": res.exit_code, "timed_out": res.timed_out}
+            failed = res.timed_out or res.exit_code != 0 or bool(res.restarted)
+            info = {"exit_code": res.exit_code, "timed_out": res.timed_out, "shell_restarted": bool(res.restarted)}
             self._advance_oracle(action, failed)
         info.update(tool_failed=failed, truncated=truncated, steps=self._steps)
         done = self._steps >= self.max_steps
@@ -323,8 +559,9 @@ class TerminalEnv:
         self._done = True
         timeout = float(self._meta.get("max_test_timeout_sec", DEFAULT_TEST_TIMEOUT))
         tests = self._hidden_copy(["tests", "run-tests.sh"])
-        res = self._session.run("bash /tests/run-tests.sh", timeout=timeout, binds={"/tests": tests},
-                                env={"TEST_DIR": "/tests"})
+        res = self._session.run(f"cd {shlex.quote(self._workdir)} && bash /tests/run-tests.sh", timeout=timeout,
+                                binds={"/tests": tests, **self._binds},
+                                env={**self._env, "TEST_DIR": "/tests", "T_BENCH_TEST_DIR": "/tests"})
         success = res.exit_code == 0 and not res.timed_out
         text = "Tests passed." if success else "Tests failed."
         info = {"tool_failed": False, "truncated": False, "exit_code": res.exit_code, "submitted": True,
@@ -366,6 +603,9 @@ class TerminalEnv:
         return rng.choice(_RANDOM_COMMANDS)
 
     def close(self) -> None:
+        if self._shell is not None:
+            self._shell.close()
+            self._shell = None
         if self._session is not None:
             self._session.close()
             self._session = None

@@ -1,0 +1,3 @@
+from config import HOST, PORT
+
+print(f"listening on {HOST}:{PORT}")
