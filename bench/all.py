@@ -53,6 +53,8 @@ BENCHES = [
     Bench("quickstart_stages", "Quickstart stage times", reads_run=True),
     Bench("routing_quality", "Routing quality (live, held-out tasks)", reads_run=True),
     Bench("train_throughput", "BC training throughput", slow=True, quick_args=["--repeats", "1"]),
+    Bench("rank_scoring", "Rank scoring on a real-shape model: shared prefix vs full encoding",
+          quick_args=["--repeats", "3"]),
     Bench("serve_latency", "Serving latency and throughput", slow=True,
           quick_args=["--requests", "60", "--throughput-requests", "160", "--load", "400"]),
     Bench("rollout_scaling", "Rollout scaling", slow=True, quick_args=["--games", "2", "--seeds", "2"]),
@@ -267,12 +269,36 @@ def render_train_throughput(d: dict[str, Any]) -> str:
              f(r["loop_tokens_per_s"], 0), f(r["end_to_end_tokens_per_s"], 0), f(r["wall_s"], 1), f(r["losses"][-1])],
             [f"plain PyTorch, 1 process ({p['threads']} threads)", f(p["loop_tokens_per_s"], 0),
              f(p["end_to_end_tokens_per_s"], 0), f(p["wall_s"], 1), f(p["losses"][-1])]]
+    t = d.get("ray_trl_sft")
+    if t:
+        body.insert(1, [f"TRL SFTTrainer, same Ray Train + ZeRO-{t['zero_stage']} × {t['workers']}",
+                        f(t["loop_tokens_per_s"], 0), f(t["end_to_end_tokens_per_s"], 0), f(t["wall_s"], 1),
+                        f(t["losses"][-1])])
     if p1:
         body.append(["plain PyTorch, 1 process (1 thread)", f(p1["loop_tokens_per_s"], 0),
                      f(p1["end_to_end_tokens_per_s"], 0), f(p1["wall_s"], 1), f(p1["losses"][-1])])
     md += table(["method", "loop tok/s", "end-to-end tok/s", "wall s", "final loss"], body)
     md += (f"\nRay/plain: loop {f(d['ratio_loop'], 2)}× (vs 1 thread {f(d.get('ratio_loop_vs_1thread'), 2)}×), "
            f"end-to-end {f(d['ratio_end_to_end'], 2)}×.\n")
+    if t:
+        md += (f"TRL SFTTrainer / own loop (`bc.trainer` trl vs r2v): loop {f(d['ratio_trl_vs_loop'], 2)}×, "
+               f"end-to-end {f(d['ratio_trl_vs_loop_end_to_end'], 2)}× (TRL's loop time is its epoch wall time).\n")
+    return md
+
+
+def render_rank_scoring(d: dict[str, Any]) -> str:
+    m = d["model"]
+    md = (f"{m['params']:,}-param random {m['arch']} (`{m['preset']}` preset, vocabulary {m['vocab_size']:,}, chat "
+          f"template; built locally), prompt {d['prompt_tokens']} tokens, {d['actions']} admissible actions, "
+          f"{d['device']} ({d['threads']} threads), {d['statistic']} of {d['repeats']} interleaved repeats.\n\n")
+    md += table(["scoring", "wall ms per step", "CPU ms per step"],
+                [["full encoding of every (prompt, action)", f(d["full_s"] * 1e3, 1), f(d.get("full_cpu_s", 0) * 1e3, 1)],
+                 ["shared prefix (prompt once, actions from its KV cache)", f(d["shared_s"] * 1e3, 1),
+                  f(d.get("shared_cpu_s", 0) * 1e3, 1)]])
+    md += (f"\nSpeed-up {f(d['speedup'], 2)}× wall, {f(d.get('speedup_cpu'), 2)}× CPU time (max |score difference| "
+           f"{d['max_abs_diff']:.1e}). Chosen-token log-probs "
+           f"over the full encoding's logits {tuple(d['logits_shape'])}: naive fp32 log-softmax "
+           f"{d['naive_logprob_bytes'] / 2**20:.0f} MiB, chunked {d['chunked_logprob_bytes'] / 2**20:.0f} MiB.\n")
     return md
 
 
@@ -311,15 +337,22 @@ def render_rollout_scaling(d: dict[str, Any]) -> str:
 
 def render_slm_quality(d: dict[str, Any]) -> str:
     run = f"`{d.get('config')}`" + (f" (with {' '.join(d['overrides'])})" if d.get("overrides") else "")
+    seeds = d.get("seeds")
+    seeds = (f"{len(seeds['clean'])} clean / {len(seeds['perturbed'])} perturbed" if isinstance(seeds, dict)
+             else seeds)
     md = (f"The models of the finished {run} run, "
-          f"each acting alone (its own proposal, no router) on the `{d.get('split')}` games × {d.get('seeds')} "
-          "seeds, clean (perturbations off) and perturbed; success is what the game reports. `random` picks "
-          "uniformly among the admissible commands.\n\n")
+          f"each acting alone (its own proposal, no router) on the `{d.get('split')}` games × {seeds} "
+          "seeds, clean (perturbations off) and perturbed; success is what the game reports, [95% CI by cluster "
+          "bootstrap over games]. `random` picks uniformly among the admissible commands.\n\n")
     cell: dict[tuple[str, bool], dict[str, Any]] = {(r["policy"], bool(r["perturbed"])): r for r in d["rows"]}
     policies = list(dict.fromkeys(r["policy"] for r in d["rows"]))
-    body = [[p, f(cell.get((p, False), {}).get("success")), f(cell.get((p, True), {}).get("success")),
-             cell.get((p, False), cell.get((p, True), {})).get("episodes", "–")] for p in policies]
-    return md + table(["policy", "success, clean", "success, perturbed", "episodes each"], body)
+
+    def shown(r: dict[str, Any]) -> str:
+        ci = r.get("success_ci")
+        return f(r.get("success")) + (f" [{f(ci[0], 2)}, {f(ci[1], 2)}]" if ci else "") + f" ({r.get('episodes', '–')})"
+
+    body = [[p, shown(cell.get((p, False), {})), shown(cell.get((p, True), {}))] for p in policies]
+    return md + table(["policy", "success, clean (episodes)", "success, perturbed (episodes)"], body)
 
 
 def render_router_labels(d: dict[str, Any]) -> str:
@@ -356,6 +389,7 @@ def render_router_matrix(d: dict[str, Any]) -> str:
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "quickstart_stages": render_quickstart_stages, "routing_quality": render_routing_quality,
     "train_throughput": render_train_throughput, "serve_latency": render_serve_latency,
+    "rank_scoring": render_rank_scoring,
     "rollout_scaling": render_rollout_scaling, "slm_quality": render_slm_quality,
     "router_labels": render_router_labels, "router_matrix": render_router_matrix,
 }

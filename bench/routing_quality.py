@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"status": "missing", "experiment": args.exp, "note": note}
     results = json.loads(res_path.read_text())
     results.pop("frontier", None)  # per-router curve summaries, not a method
+    results.pop("slm_selection", None)  # select-policy's BC/DPO decision, not a method
     import datetime as dt
 
     mtime = dt.datetime.fromtimestamp(res_path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

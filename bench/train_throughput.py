@@ -1,11 +1,13 @@
-"""BC training throughput: Ray Train + DeepSpeed (N CPU/GPU workers) vs a plain single-process PyTorch loop.
+"""BC training throughput: Ray Train + DeepSpeed (N CPU/GPU workers), with our own loop and with TRL's
+SFTTrainer (`bc.trainer`), vs a plain single-process PyTorch loop.
 
     python -m bench.train_throughput [--rows 768 --epochs 3 --workers 2 --zero-stage 2 --batch 16]
 
 Same synthetic teacher steps, same tiny model (built from config, no download), same global batch
 (per-worker batch x workers for Ray; the whole global batch in one process for the plain loop), same
 epochs. "loop tok/s" counts the tokens (prompt + completion, no padding) of the training steps over the
-time spent in forward/backward/optimizer steps; "end-to-end tok/s" divides by the whole wall time including
+time spent in forward/backward/optimizer steps (for TRL: the epoch's wall time, its data loading and logging
+included, so the comparison is conservative for TRL); "end-to-end tok/s" divides by the whole wall time including
 Ray Train's worker start-up, DeepSpeed init, checkpoints and the final consolidated save.
 Writes runs/bench/train_throughput.json.
 """
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     from r2v.train.bc import bc_examples, run_train_bc
 
     load_before = os.getloadavg()
-    plains, rays = [], []
+    plains, rays = [], {"r2v": [], "trl": []}
     with tempfile.TemporaryDirectory(prefix="r2v-bench-train-") as tmp:
         base = R2VConfig(experiment="bench", runs_dir=tmp)
         rows = synthetic_steps(args.rows)
@@ -134,33 +136,38 @@ def main(argv: list[str] | None = None) -> dict:
         plain_1t = plain_loop(model_dir, train, args.batch * args.workers, args.epochs, args.lr,
                               base.model.max_context_tokens)
         torch.set_num_threads(threads)
-        for rep in range(args.repeats):
-            cfg = R2VConfig(experiment=f"bench{rep}", runs_dir=tmp)  # a fresh run each time (no reuse)
-            Experiment(cfg).rollouts_dir.mkdir(parents=True, exist_ok=True)
-            os.symlink(Experiment(base).rollouts("teacher"), Experiment(cfg).rollouts("teacher"))
-            cfg.tracking.enabled = False
-            cfg.ray.num_cpus = max(2, args.workers)
-            cfg.model.path = str(model_dir)
-            b = cfg.bc
-            b.num_workers, b.zero_stage, b.per_device_batch_size = args.workers, args.zero_stage, args.batch
-            b.learning_rate, b.epochs, b.save_steps, b.use_gpu = args.lr, float(args.epochs), 10**9, args.use_gpu
-            b.lr_schedule = "constant"  # the plain loop's optimiser: the same updates, so the final losses compare
-            t0 = time.perf_counter()
-            summary = run_train_bc(cfg)
-            wall = time.perf_counter() - t0
-            hist = summary["epochs"]
-            tokens = sum(h["tokens"] for h in hist)
-            rays.append({"loop_tokens_per_s": tokens / sum(h["tokens"] / h["tokens_per_s"] for h in hist),
-                         "end_to_end_tokens_per_s": tokens / wall, "wall_s": wall,
-                         "losses": [h["loss"] for h in hist], "tokens": tokens})
+        for trainer in ("r2v", "trl"):
+            for rep in range(args.repeats):
+                cfg = R2VConfig(experiment=f"bench-{trainer}{rep}", runs_dir=tmp)  # a fresh run each time (no reuse)
+                Experiment(cfg).rollouts_dir.mkdir(parents=True, exist_ok=True)
+                os.symlink(Experiment(base).rollouts("teacher"), Experiment(cfg).rollouts("teacher"))
+                cfg.tracking.enabled = False
+                cfg.ray.num_cpus = max(2, args.workers)
+                cfg.model.path = str(model_dir)
+                b = cfg.bc
+                b.num_workers, b.zero_stage, b.per_device_batch_size = args.workers, args.zero_stage, args.batch
+                b.learning_rate, b.epochs, b.save_steps, b.use_gpu = args.lr, float(args.epochs), 10**9, args.use_gpu
+                b.lr_schedule = "constant"  # the plain loop's optimiser: the same updates, so the final losses compare
+                b.trainer = trainer
+                t0 = time.perf_counter()
+                summary = run_train_bc(cfg)
+                wall = time.perf_counter() - t0
+                hist = summary["epochs"]
+                tokens = sum(h["tokens"] for h in hist)
+                rays[trainer].append({"loop_tokens_per_s": tokens / sum(h["tokens"] / h["tokens_per_s"] for h in hist),
+                                      "end_to_end_tokens_per_s": tokens / wall, "wall_s": wall,
+                                      "losses": [h["loss"] for h in hist], "tokens": tokens})
         ray.shutdown()
 
     def median(runs, key):
         return statistics.median(r[key] for r in runs)
 
-    r = {"workers": args.workers, "zero_stage": args.zero_stage, "runs": rays,
-         **{k: median(rays, k) for k in ("loop_tokens_per_s", "end_to_end_tokens_per_s", "wall_s")},
-         "losses": rays[-1]["losses"]}
+    def summary_of(runs):
+        return {"workers": args.workers, "zero_stage": args.zero_stage, "runs": runs,
+                **{k: median(runs, k) for k in ("loop_tokens_per_s", "end_to_end_tokens_per_s", "wall_s")},
+                "losses": runs[-1]["losses"]}
+
+    r, trl = summary_of(rays["r2v"]), summary_of(rays["trl"])
     plain = {"runs": plains, "threads": plains[0]["threads"], "device": plains[0]["device"],
              **{k: median(plains, k) for k in ("loop_tokens_per_s", "end_to_end_tokens_per_s", "wall_s")},
              "losses": plains[-1]["losses"], "one_thread": plain_1t}
@@ -170,11 +177,14 @@ def main(argv: list[str] | None = None) -> dict:
         "repeats": args.repeats, "statistic": "median over repeats",
         "load_avg_before_after": [load_before, os.getloadavg()], "cpus": os.cpu_count(),
         "ray_deepspeed": r,
+        "ray_trl_sft": trl,
         "plain_torch": plain,
     }
     result["ratio_loop"] = r["loop_tokens_per_s"] / plain["loop_tokens_per_s"]
     result["ratio_loop_vs_1thread"] = r["loop_tokens_per_s"] / plain_1t["loop_tokens_per_s"]
     result["ratio_end_to_end"] = r["end_to_end_tokens_per_s"] / plain["end_to_end_tokens_per_s"]
+    result["ratio_trl_vs_loop"] = trl["loop_tokens_per_s"] / r["loop_tokens_per_s"]
+    result["ratio_trl_vs_loop_end_to_end"] = trl["end_to_end_tokens_per_s"] / r["end_to_end_tokens_per_s"]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -187,13 +197,17 @@ def main(argv: list[str] | None = None) -> dict:
     plain_label = f"plain PyTorch, 1 process ({plain['threads']} thr)"
     print(f"{ray_label:<34}{r['loop_tokens_per_s']:>12.0f}"
           f"{r['end_to_end_tokens_per_s']:>18.0f}{r['wall_s']:>9.1f}{r['losses'][-1]:>12.3f}")
+    trl_label = f"TRL SFTTrainer, same Ray + ZeRO-{args.zero_stage}"
+    print(f"{trl_label:<34}{trl['loop_tokens_per_s']:>12.0f}"
+          f"{trl['end_to_end_tokens_per_s']:>18.0f}{trl['wall_s']:>9.1f}{trl['losses'][-1]:>12.3f}")
     print(f"{plain_label:<34}{plain['loop_tokens_per_s']:>12.0f}"
           f"{plain['end_to_end_tokens_per_s']:>18.0f}{plain['wall_s']:>9.1f}{plain['losses'][-1]:>12.3f}")
     p1 = plain["one_thread"]
     print(f"{'plain PyTorch, 1 process (1 thr)':<34}{p1['loop_tokens_per_s']:>12.0f}"
           f"{p1['end_to_end_tokens_per_s']:>18.0f}{p1['wall_s']:>9.1f}{p1['losses'][-1]:>12.3f}")
     print(f"ratio Ray/plain: loop {result['ratio_loop']:.2f}x (vs 1 thread {result['ratio_loop_vs_1thread']:.2f}x), "
-          f"end-to-end {result['ratio_end_to_end']:.2f}x  -> {out}")
+          f"end-to-end {result['ratio_end_to_end']:.2f}x; TRL/own loop: loop {result['ratio_trl_vs_loop']:.2f}x, "
+          f"end-to-end {result['ratio_trl_vs_loop_end_to_end']:.2f}x  -> {out}")
     return result
 
 

@@ -6,6 +6,10 @@ import copy
 
 import pytest
 
+# tests/data holds task fixtures in their benchmarks' own layout (Terminal-Bench's tests/test_outputs.py):
+# inputs of the tests, run inside the sandbox, never collected by this suite
+collect_ignore = ["data"]
+
 
 # ----------------------------------------------------------------------------------------- TextWorld
 TW_LEVELS = [1, 2, 3, 4]
@@ -40,3 +44,16 @@ def tw_tasks(tw_session_cfg):
     from r2v.envs.registry import load_tasks
 
     return load_tasks(tw_session_cfg)
+
+
+# ----------------------------------------------------------------------------------------- models
+@pytest.fixture(scope="session")
+def real_shape_dir(tmp_path_factory):
+    """A random Qwen2 HF directory of real shape (151,936-token vocabulary, ChatML chat template, hidden
+    64, 2 layers; r2v.policies.real_shape), built locally once per session (~20 s)."""
+    pytest.importorskip("transformers")
+    from r2v.policies.real_shape import make_real_shape_model
+
+    out = tmp_path_factory.mktemp("real_shape") / "model"
+    make_real_shape_model(out, "tiny", max_positions=2048)
+    return out

@@ -50,12 +50,26 @@ def dies_once_after_checkpoint(objective_cls: type, marker: str | Path, rank: in
                 self._checkpointed = self._checkpointed or checkpoint is not None
 
             ray.train.report = report  # this worker process only; it dies with the run
+            self._rank = ctx.rank
+            # TRL's SFTTrainer computes its own loss: die in its training step too (bc.trainer=trl)
+            from transformers import Trainer
+
+            step, objective = Trainer.training_step, self
+
+            def training_step(trainer, *args, **kwargs):
+                objective._maybe_die()
+                return step(trainer, *args, **kwargs)
+
+            Trainer.training_step = training_step
+
+        def _maybe_die(self) -> None:
+            if self._rank == rank and self._checkpointed and not Path(marker).exists():
+                Path(marker).write_text("killed once\n")
+                time.sleep(5.0)  # let the controller register the checkpoint first (slow under load)
+                os._exit(1)
 
         def loss(self, engine, batch, ctx):
-            if ctx.rank == rank and self._checkpointed and not Path(marker).exists():
-                Path(marker).write_text("killed once\n")
-                time.sleep(2.0)  # let the controller register the checkpoint first
-                os._exit(1)
+            self._maybe_die()
             return super().loss(engine, batch, ctx)
 
     return DiesOnceAfterCheckpoint

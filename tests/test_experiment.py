@@ -62,6 +62,31 @@ def test_deployed_policy_is_dpo_else_bc_else_the_base_model_for_every_caller(tmp
     assert slm_path(cfg, exp.models_dir) == str(want)  # Serve deploys the same directory
 
 
+def test_deployed_policy_follows_the_selection_file_for_every_caller(tmp_path):
+    from r2v.serve.components import slm_path
+
+    cfg = _cfg(tmp_path)
+    exp = Experiment(cfg)
+    for stage in ("bc", "dpo"):
+        exp.model(stage).mkdir(parents=True)
+        (exp.model(stage) / "config.json").write_text("{}")
+    assert exp.selection_file == exp.models_dir / "selected.json"
+    assert exp.deployed_policy_dir() == exp.model("dpo")  # no decision yet: today's rule
+    exp.selection_file.write_text(json.dumps({"selected": "bc"}))
+    assert exp.deployed_policy_dir() == exp.model("bc")  # DPO exists, but validation chose BC
+    assert slm_path(cfg, exp.models_dir) == str(exp.model("bc"))  # Serve deploys the same directory
+    exp.selection_file.write_text(json.dumps({"selected": "sft"}))
+    with pytest.raises(R2VError, match=r"selected\.json: `selected` must be one of \['dpo', 'bc'\]"):
+        exp.deployed_policy_dir()
+    exp.selection_file.write_text("{oops")
+    with pytest.raises(R2VError, match=r"selected\.json is not valid JSON .*re-run `r2v select-policy`"):
+        exp.deployed_policy_dir()
+    exp.selection_file.write_text(json.dumps({"selected": "dpo"}))
+    (exp.model("dpo") / "config.json").unlink()  # the chosen model is gone: never fall back silently
+    with pytest.raises(R2VError, match=r"selects dpo but .*dpo holds no model"):
+        exp.deployed_policy_dir()
+
+
 def test_init_model_never_writes_into_a_checkpoint_it_did_not_build(tmp_path):
     from r2v.policies.init_model import run_init_model
 

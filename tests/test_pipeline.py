@@ -173,3 +173,41 @@ def test_dry_run_on_the_quickstart_graph(tmp_path, monkeypatch, capsys):
     assert main(["run", *base, "--dry-run", "--from", "sweep"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[names.index("sweep")].split()[:2] == ["sweep", "run"] and "forced by --from" in lines[-1]
+
+
+def test_a_new_slm_selection_reruns_every_stage_that_plays_the_deployed_slm(tmp_path, monkeypatch):
+    """select-policy decides which SLM (bc | dpo) later stages play and Serve deploys: a re-run that reaches the
+    same decision changes nothing; a new decision re-runs collect-router … report and nothing that trains the
+    candidates."""
+    from r2v.experiment import Experiment
+
+    decision = {"selected": "bc"}
+
+    def fake(self):
+        def fn(cfg):
+            if self.name == "select-policy":
+                Experiment(cfg).selection_file.parent.mkdir(parents=True, exist_ok=True)
+                Experiment(cfg).selection_file.write_text(json.dumps(decision))
+            return {"stage": self.name}
+        return fn
+
+    monkeypatch.setattr(pipeline.Stage, "function", fake)
+    cfg = load_config("conf/quickstart.yaml", [f"runs_dir={tmp_path}", "tracking.enabled=false"])
+    names = list(pipeline.STAGE_NAMES)
+    assert names.index("train-dpo") < names.index("select-policy") < names.index("collect-router")
+    pipeline.run_pipeline(cfg, echo=lambda s: None)
+    pipeline.run_stage(cfg, "select-policy")  # the same decision, byte for byte
+    assert all(a == "skip" for a, _ in decisions(cfg).values())
+    decision["selected"] = "dpo"
+    pipeline.run_stage(cfg, "select-policy")
+    got = decisions(cfg)
+    users = ("collect-router", "train-router", "sweep", "eval", "report")
+    for stage in users:
+        assert "select-policy" in pipeline.get_stage(stage).upstream, stage
+        assert got[stage][0] == "run" and got[stage][1].startswith("upstream "), stage
+    assert got["collect-router"] == ("run", "upstream select-policy changed since this stage ran")
+    assert all(got[s] == ("skip", "up to date") for s in names if s not in users)
+    got = decisions(load_config("conf/quickstart.yaml", [f"runs_dir={tmp_path}", "tracking.enabled=false",
+                                                        "selection.seeds=[0,1]"]))
+    assert got["select-policy"] == ("run", "config section selection changed")
+    assert got["collect-router"] == ("run", "upstream select-policy will re-run")

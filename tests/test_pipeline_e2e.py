@@ -19,6 +19,7 @@ TINY = [
     "router.fit_split=train", "router.rollout_seeds=[0,1,2,3]", "router.epochs=10",
     "sweep.num_samples=2", "sweep.epochs=3", "sweep.budgets=[0.3]", "eval.perturbation_seeds=[0,1]",
     "eval.bootstrap_samples=100", "eval.budgets=[0.5]",
+    "selection.seeds=[0,1]", "selection.clean_seeds=[]",  # select-policy: one pool per model, perturbed only
 ]
 
 
@@ -42,6 +43,8 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
     results = json.loads((exp / "report" / "results.json").read_text())
     budgeted = {f"{m}@0.5" for m in cfg.eval.budget_methods}  # each router at each budget of live calls, live
     frontier = results.pop("frontier")  # per-router summaries of the matched-budget curves
+    selection = results.pop("slm_selection")  # select-policy: BC vs DPO on the validation games, the deployed one
+    assert selection["selected"] in ("bc", "dpo") and set(selection["candidates"]) == {"bc", "dpo"}
     assert set(results) == set(cfg.eval.methods) | budgeted and set(frontier) == set(cfg.eval.budget_methods)
     assert 0.2 < results["random@0.5"]["llm_call_rate"] < 0.8
     n_test = len(json.loads((exp / "tasks" / "splits.json").read_text())["splits"]["test"])

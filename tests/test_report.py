@@ -111,3 +111,21 @@ def test_step_columns_read_from_eval_shards(tmp_path):
     assert len(back) == len(steps)
     results = _results(steps)
     assert frontier_of(results, back, n_boot=100) == frontier_of(results, steps, n_boot=100)
+
+
+def test_report_shows_both_slm_numbers_and_the_choice(tmp_path):
+    """select-policy's decision (models/selected.json) goes into results.json and a results.md table."""
+    selection = {"selected": "bc", "games": 36, "rule": "higher validation success; tie -> bc", "candidates": {
+        name: {"wins": w, "episodes": 180, "success": w / 180, "success_ci": [0.2, 0.5],
+               "clean": {"episodes": 36, "success": c, "success_ci": [0.1, 0.3]},
+               "perturbed": {"episodes": 144, "success": p, "success_ci": [0.3, 0.6]}}
+        for name, w, c, p in (("bc", 76, 0.25, 0.465), ("dpo", 69, 0.194, 0.431))}}
+    write_results(_results(_steps()), tmp_path, "with selection", selection=selection)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["slm_selection"] == selection
+    md = (tmp_path / "results.md").read_text()
+    assert "## Deployed SLM (select-policy)" in md and "36 validation games" in md
+    assert "| bc | 0.250 [0.10, 0.30] (36) | 0.465 [0.30, 0.60] (144) | 0.422 (76/180) | **yes** |" in md
+    assert "| dpo | 0.194 [0.10, 0.30] (36) | 0.431 [0.30, 0.60] (144) | 0.383 (69/180) | no |" in md
+    write_results(_results(_steps()), tmp_path, "without")
+    assert "slm_selection" not in json.loads((tmp_path / "results.json").read_text())

@@ -96,13 +96,13 @@ def test_other_schema_or_version_is_refused(tmp_path):
     pairs = ShardStore(tmp_path / "mixed", "pairs")
     pairs.write("p", [dict(experiment="e", env="textworld", task_id="t", episode_id="e", step=0,
                            perturbation_seed=0, prompt="p", chosen="a", rejected="b")])
-    with pytest.raises(ShardError, match=r"p\.parquet holds schema `pairs` v1, expected `steps` v1"):
+    with pytest.raises(ShardError, match=r"p\.parquet holds schema `pairs` v2, expected `steps` v1"):
         steps.read()
     # a file of our schema name but a future version
     table = pq.read_table(pairs.path("p"))
     table = table.replace_schema_metadata({b"r2v.schema": b"pairs", b"r2v.schema_version": b"99"})
     pq.write_table(table, pairs.path("p"))
-    with pytest.raises(ShardError, match="v99, expected `pairs` v1"):
+    with pytest.raises(ShardError, match="v99, expected `pairs` v2"):
         pairs.read()
 
 

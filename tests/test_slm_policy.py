@@ -84,3 +84,17 @@ def test_server_batches_concurrent_callers(tiny_dir, tw_cfg, tw_tasks):
 def test_missing_model_dir_is_a_clear_error(tmp_path):
     with pytest.raises(R2VError, match="not a Hugging Face model directory"):
         SLMPolicy(tmp_path / "nope", ModelConfig(), PolicyConfig())
+
+
+def test_shared_prefix_scores_equal_full_encoding(tiny_dir, monkeypatch):
+    """Rank mode encodes the prompt once and scores every action from its KV cache: same numbers as
+    encoding each (prompt, action) in full, including actions of different token lengths."""
+    policy = SLMPolicy(tiny_dir, ModelConfig(max_context_tokens=256), PolicyConfig())
+    prompt = "Goal: take the key\nRecent: go north | go south\nObservation: room 7, a key is here\nAction:"
+    comps = [" go north", " take key", " open the wooden chest with the key", " look"]
+    full = policy.score([prompt] * len(comps), comps)
+    monkeypatch.setattr(policy, "score", None)  # the shared path must not fall back to full encoding
+    shared = policy.score_actions(prompt, comps)
+    flat = lambda pairs: [x for pair in pairs for x in pair]  # noqa: E731
+    assert flat(shared) == pytest.approx(flat(full), rel=1e-4, abs=1e-4)
+    assert len({s for s, _ in shared}) == len(comps)  # distinct actions, distinct scores: nothing collapsed

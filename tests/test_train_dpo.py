@@ -153,11 +153,13 @@ def make_cfg(tmp_path, tiny_model, zero_stage: int) -> R2VConfig:
     t.num_workers, t.zero_stage, t.per_device_batch_size, t.learning_rate = 2, zero_stage, 4, 5e-3
     t.epochs, t.save_steps = 6.0, 1000
     cfg.dpo.beta = 0.5
+    cfg.dpo.bc_weight = 0.1  # the stand-in "BC" model is untrained (NLL ~6): a full-weight BC term would swamp DPO
     shutil.copytree(tiny_model, cfg.experiment_dir / "models" / "bc")  # stands in for a BC model
     store = ShardStore(cfg.experiment_dir / "pairs", "pairs")
     rows = pair_rows(4)
     store.write(shard_key(part=0), rows[:12])
     store.write(shard_key(part=1), rows[12:])
+    store.write(shard_key(part="val"), [dict(r, split="val") for r in pair_rows(1)])  # validation pairs
     return cfg
 
 
@@ -179,6 +181,8 @@ def check_dpo_run(cfg, summary):
     assert len(ep) == 6 and summary["pairs_with_peer"] == 12
     assert ep[-1]["loss"] < ep[0]["loss"] and ep[-1]["margin"] > ep[0]["margin"] > -0.05
     assert ep[-1]["accuracy"] > 0.8 and ep[-1]["consistency"] > 0
+    assert summary["num_train_examples"] == 24 and summary["num_val_examples"] == 6  # val pairs never trained on
+    assert ep[0]["val_margin"] < ep[-1]["val_margin"] and ep[-1]["val_accuracy"] > 0.8  # scored every epoch
     # the reference log-probs used in training equal a fresh computation from the untouched models/bc
     ref, tok = load(cfg.experiment_dir / "models" / "bc")
     feats = encoded(tok, pair_rows(4))
@@ -186,6 +190,85 @@ def check_dpo_run(cfg, summary):
     assert abs(summary["ref_chosen_logp_sum"] - want) < 1e-3 * abs(want)
     model, _ = load(cfg.experiment_dir / "models" / "dpo")
     assert torch.isfinite(model(input_ids=torch.tensor([[1, 4, 7, 9]])).logits).all()
+    # the saved model is the best validation epoch's: its objective on the val pairs is the best one logged
+    best = min(range(len(ep)), key=lambda i: ep[i]["val_objective"])
+    assert summary["best_epoch"] == best + 1 and summary["best_val_objective"] == ep[best]["val_objective"]
+    assert saved_val_objective(cfg) == pytest.approx(ep[best]["val_objective"], rel=1e-3)
+
+
+def saved_val_objective(cfg) -> float:
+    """The objective of the saved models/dpo on the val pairs, recomputed in-process."""
+    import torch
+
+    from r2v.train.dpo import dpo_loss, reference_logps
+
+    ref, tok = load(cfg.experiment_dir / "models" / "bc")
+    model, _ = load(cfg.experiment_dir / "models" / "dpo")
+    val = encoded(tok, pair_rows(1))
+    for f, (c, r) in zip(val, reference_logps(ref.eval(), val, tok.pad_token_id, "cpu", 8)):
+        f["ref_chosen"], f["ref_rejected"] = c, r
+    d = cfg.dpo
+    with torch.no_grad():
+        got, _ = dpo_loss(model.eval(), val, tok.pad_token_id, "cpu", beta=d.beta, weight=d.consistency_weight,
+                          positions=d.consistency_positions, temperature=d.consistency_temperature,
+                          bc_weight=d.bc_weight, dpo_weight=d.dpo_weight)
+    return float(got)
+
+
+def test_each_term_of_the_objective_switches_off_on_its_own(tiny_model):
+    """L = w_DPO·L_DPO + λ_BC·NLL(chosen) + λ_cons·JSD: each weight scales exactly its term, 0 removes it (and
+    the consistency forward on peer prompts is skipped)."""
+    import torch
+
+    from r2v.train.dpo import dpo_loss, policy_forward
+
+    model, tok = load(tiny_model)
+    feats = encoded(tok, pair_rows(1))
+    for f in feats:  # a reference unlike the policy, so the DPO term is not at its log 2 starting value
+        f["ref_chosen"], f["ref_rejected"] = -30.0, -20.0
+    res = policy_forward(model, feats, tok.pad_token_id, "cpu", 5, 0.2)
+    n_tokens = [len(f["chosen"]["input_ids"]) - f["chosen"]["n_prompt"] for f in feats]
+    nll = -res["chosen"] / torch.tensor(n_tokens, dtype=res["chosen"].dtype)  # mean per-token NLL of the chosen
+    assert torch.allclose(res["chosen_nll"], nll)
+    margin = 0.1 * ((res["chosen"] + 30.0) - (res["rejected"] + 20.0))
+    dpo, bc, cons = float(torch.nn.functional.softplus(-margin).mean()), float(nll.mean()), float(res["cons"].mean())
+    assert min(dpo, bc, cons) > 1e-4
+
+    def total(**w):
+        loss, stats = dpo_loss(model, feats, tok.pad_token_id, "cpu", beta=0.1, positions=5, temperature=0.2, **w)
+        return float(loss), stats
+
+    assert total(weight=0.0, bc_weight=0.0)[0] == pytest.approx(dpo, rel=1e-5)
+    assert total(weight=0.0, bc_weight=1.0, dpo_weight=0.0)[0] == pytest.approx(bc, rel=1e-5)
+    assert total(weight=1.0, bc_weight=0.0, dpo_weight=0.0)[0] == pytest.approx(cons, rel=1e-4)
+    full, stats = total(weight=30.0, bc_weight=0.5, dpo_weight=2.0)
+    assert full == pytest.approx(2.0 * dpo + 0.5 * bc + 30.0 * cons, rel=1e-4)
+    assert stats["cons_rows"] == 3 and stats["bc_nll_sum"] == pytest.approx(float(nll.sum()), rel=1e-5)
+    _, off = total(weight=0.0, bc_weight=0.0)
+    assert off["cons_rows"] == 0 and off["dpo_loss_sum"] == pytest.approx(stats["dpo_loss_sum"], rel=1e-5)
+
+
+def test_bc_term_raises_the_chosen_actions_likelihood(tiny_model):
+    """With the DPO term off, the BC term alone is plain NLL on the chosen (teacher) action: it goes down."""
+    import torch
+
+    from r2v.train.dpo import dpo_loss
+
+    torch.manual_seed(0)
+    model, tok = load(tiny_model)
+    feats = encoded(tok, pair_rows(1))
+    for f in feats:
+        f["ref_chosen"], f["ref_rejected"] = 0.0, 0.0
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    nll = []
+    for _ in range(10):
+        loss, stats = dpo_loss(model, feats, tok.pad_token_id, "cpu", beta=0.1, weight=0.0, positions=5,
+                               temperature=2.0, bc_weight=1.0, dpo_weight=0.0)
+        nll.append(stats["bc_nll_sum"] / stats["pairs"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert nll[-1] < 0.7 * nll[0], nll
 
 
 @pytest.mark.ray
@@ -206,3 +289,28 @@ def test_dpo_zero3_end_to_end(ray_local, tmp_path, tiny_model):
 
     cfg = make_cfg(tmp_path, tiny_model, 3)
     check_dpo_run(cfg, run_train_dpo(cfg))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dpo_keeps_the_best_epochs_weights_across_a_worker_kill(ray_local, tmp_path, tiny_model, monkeypatch):
+    """Rank 1 dies once after the step-4 checkpoint (mid epoch 2). The best epoch is made epoch 1 (best =
+    highest val objective: training lowers it), so the model saved at the end can only be right if epoch 1's
+    weights came back from that checkpoint (`best_weights.pt`) after the restart."""
+    import r2v.train.common
+    from fault_injection import dies_once_after_checkpoint, fit_with_objective
+    from r2v.train.dpo import run_train_dpo
+
+    marker = tmp_path / "killed-once"
+
+    def wrap(cls):
+        return type("BestIsFirst", (dies_once_after_checkpoint(cls, marker),), {"best_metric": ("val_objective", "max")})
+
+    monkeypatch.setattr(r2v.train.common, "fit", fit_with_objective(r2v.train.common.fit, wrap))  # run_train_dpo's
+    cfg = make_cfg(tmp_path, tiny_model, 2)
+    cfg.dpo.train.save_steps = 4
+    summary = run_train_dpo(cfg)
+    ep = summary["epochs"]
+    assert marker.exists() and summary["resumed_from_step"] == 4 and len(ep) == 6
+    assert summary["best_epoch"] == 1 and ep[0]["val_objective"] > ep[-1]["val_objective"] + 0.05
+    assert saved_val_objective(cfg) == pytest.approx(ep[0]["val_objective"], rel=1e-3)

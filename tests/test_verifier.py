@@ -231,11 +231,12 @@ def _write_rollouts(cfg: R2VConfig, tw_tasks) -> None:
     from r2v.envs.registry import make_env
     from r2v.rollout.episode import EpisodeMeta, run_episode
 
-    plans = [("teacher", 0.0, PerturbationConfig(), range(1)), ("explore", 0.5, PerturbationConfig(), range(6)),
-             ("explore_noisy", 0.4, PerturbationConfig(prompt_injection=0.4, distractors=0.4), range(4))]
-    for policy, eps, pert, seeds in plans:
+    plans = [("teacher", "teacher", 0.0, PerturbationConfig(), range(1)),
+             ("pair-probes", "explore", 0.5, PerturbationConfig(), range(6)),
+             ("pair-probes", "explore_noisy", 0.4, PerturbationConfig(prompt_injection=0.4, distractors=0.4), range(4))]
+    for folder, policy, eps, pert, seeds in plans:
         env = make_env(replace(cfg.env, perturbations=pert))
-        store = ShardStore(cfg.experiment_dir / "rollouts" / policy, "steps")
+        store = ShardStore(cfg.experiment_dir / "rollouts" / folder, "steps")
         try:
             for task in tw_tasks:
                 split = "val" if task.task_id in VAL_GAMES else "train"
@@ -254,6 +255,11 @@ def test_learned_verifier_trains_beats_rules_and_reloads(tw_cfg, tw_tasks, tmp_p
     cfg.env = tw_cfg
     cfg.verifier.kind = "learned"
     _write_rollouts(cfg, tw_tasks)
+    n_inputs = len(read_step_rows(cfg))
+    leftover = cfg.experiment_dir / "rollouts" / "teacher.stale-20260101-000000"  # an earlier run's folder
+    (cfg.experiment_dir / "rollouts" / "teacher").rename(leftover)
+    _write_rollouts(cfg, tw_tasks)
+    assert len(read_step_rows(cfg)) == n_inputs  # only the upstream stages' folders are read
 
     summary = run_train_verifier(cfg)
     print(f"learned verifier: held-out AUROC learned={summary['learned_auroc']:.3f} rule={summary['rule_auroc']:.3f}; "

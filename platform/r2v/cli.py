@@ -29,6 +29,7 @@ STAGE_HELP = {
     "build-pairs": "verifier-ranked preference pairs from the BC policy under perturbations",
     "train-dpo": "DPO + consistency (JSD) regularisation (Ray Train + DeepSpeed, TRL)",
     "train-verifier": "train the learned process verifier",
+    "select-policy": "play BC and DPO alone on the validation games; deploy the one that wins more",
     "collect-router": "SLM rollouts under many seeds + counterfactual branches -> router rows",
     "train-router": "train the calibrated CVaR router (dual ascent, temperature scaling)",
     "sweep": "Ray Tune sweep over router hyper-parameters and budgets -> Pareto frontier",
@@ -151,7 +152,8 @@ def dispatch(args) -> int:
             print(json.dumps(summary, indent=2))
         else:
             for k, v in summary.items():
-                print(f"{k:>22}: {v}")
+                if not k.startswith("episode_"):  # per-episode lists: --json has them
+                    print(f"{k:>22}: {v}")
         return 0
     if args.command == "run":
         if args.dry_run:  # reads markers only: no Ray, no MLflow

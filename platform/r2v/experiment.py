@@ -3,10 +3,11 @@
 ```
 tasks/splits.json             the train/val/test split (stage `tasks`)
 rollouts/<policy>/            step shards: teacher, slm, pair-probes, slm-router, branches-m<m>,
-                              budget-calibration
+                              budget-calibration, select-<bc|dpo>-<clean|perturbed>
 pairs/                        DPO preference pairs
 router/                       router rows (features + labels)
 models/<stage>/               init, bc, dpo (HF directories), verifier, router
+models/selected.json          which SLM (bc | dpo) is deployed, with both validation numbers (select-policy)
 eval/summary.json, eval/episodes/
 report/                       tables and plots
 sweep/                        frontier.parquet, best-<budget>.yaml, the Tune experiment
@@ -18,13 +19,17 @@ ray_results/                  Ray Train storage
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from r2v.errors import R2VError
 
 if TYPE_CHECKING:
     from r2v.config import R2VConfig
 
-POLICY_STAGES = ("dpo", "bc")  # the SLM that is deployed: the first of these that exists
+POLICY_STAGES = ("dpo", "bc")  # without a selection file the SLM deployed is the first of these that exists
+SELECTION_FILE = "selected.json"  # under models/: select-policy's decision (r2v.rollout.selection)
 
 
 def is_model_dir(path: str | Path) -> bool:
@@ -33,8 +38,30 @@ def is_model_dir(path: str | Path) -> bool:
     return (path / "config.json").is_file() or (path / "adapter_config.json").is_file()
 
 
+def read_selection(models_dir: str | Path) -> dict[str, Any] | None:
+    """select-policy's decision under `models_dir` ({"selected": "bc" | "dpo", ...}); None when it never ran."""
+    path = Path(models_dir) / SELECTION_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise R2VError(f"{path} is not valid JSON ({e}): re-run `r2v select-policy` or delete the file") from None
+    if not isinstance(doc, dict) or doc.get("selected") not in POLICY_STAGES:
+        raise R2VError(f"{path}: `selected` must be one of {list(POLICY_STAGES)}: re-run `r2v select-policy`")
+    return doc
+
+
 def deployed_policy_dir(models_dir: str | Path) -> Path | None:
-    """The SLM an experiment deploys, among the trained ones under `models_dir`: dpo if it exists, else bc."""
+    """The SLM an experiment deploys, among the trained ones under `models_dir`: the one select-policy chose
+    by validation play (models/selected.json), else dpo if it exists, else bc."""
+    selection = read_selection(models_dir)
+    if selection is not None:
+        path = Path(models_dir) / selection["selected"]
+        if not is_model_dir(path):
+            raise R2VError(f"{Path(models_dir) / SELECTION_FILE} selects {selection['selected']} but {path} holds "
+                           f"no model: re-run `r2v select-policy` (or `r2v run`)")
+        return path
     for stage in POLICY_STAGES:
         if is_model_dir(Path(models_dir) / stage):
             return Path(models_dir) / stage
@@ -91,8 +118,17 @@ class Experiment:
         """models/<stage>: init, bc, dpo, verifier or router."""
         return self.models_dir / stage
 
+    @property
+    def selection_file(self) -> Path:
+        return self.models_dir / SELECTION_FILE
+
+    def selection_rollouts(self, stage: str, condition: str) -> Path:
+        """select-policy's validation episodes of one candidate (bc | dpo) under one condition (clean | perturbed)."""
+        return self.rollouts(f"select-{stage}-{condition}")
+
     def deployed_policy_dir(self) -> Path:
-        """The SLM later stages play and serve: models/dpo, else models/bc, else the base `model.path`."""
+        """The SLM later stages play and serve: select-policy's choice, else models/dpo, else models/bc, else
+        the base `model.path`."""
         return deployed_policy_dir(self.models_dir) or self.base_model
 
     # ------------------------------------------------------------------ results and bookkeeping
@@ -132,4 +168,4 @@ class Experiment:
         return self.root / "ray_results"
 
 
-__all__ = ["Experiment", "deployed_policy_dir", "is_model_dir", "POLICY_STAGES"]
+__all__ = ["Experiment", "deployed_policy_dir", "read_selection", "is_model_dir", "POLICY_STAGES", "SELECTION_FILE"]

@@ -53,22 +53,28 @@ STAGES: tuple[Stage, ...] = (
           ("build-pairs", "train-bc"), "models/dpo/"),
     Stage("train-verifier", "r2v.verifier.learned:run_train_verifier", COMMON + ("verifier",),
           ("collect-teacher", "build-pairs"), "models/verifier/"),
+    # which SLM (bc | dpo) every later stage plays and Serve deploys: a changed decision re-runs all of them
+    Stage("select-policy", "r2v.rollout.selection:run_select_policy",
+          COMMON + ("model", "policy", "verifier", "selection"), ("tasks", "train-bc", "train-dpo", "train-verifier"),
+          "rollouts/select-*/ (validation episodes), models/selected.json"),
     Stage("collect-router", "r2v.rollout.router_rows:run_collect_router", COMMON + ("policy", "verifier", "teacher", "router"),
-          ("tasks", "train-bc", "train-dpo", "train-verifier"), "rollouts/slm-router/, branches, router/*.parquet"),
+          ("tasks", "train-bc", "train-dpo", "train-verifier", "select-policy"),
+          "rollouts/slm-router/, branches, router/*.parquet"),
     Stage("train-router", "r2v.router.stage:run_train_router", COMMON + ("policy", "verifier", "teacher", "router"),
-          ("collect-router",), "models/router/, rollouts/budget-calibration/ (routed probes that set τ)"),
+          ("collect-router", "select-policy"), "models/router/, rollouts/budget-calibration/ (routed probes that set τ)"),
     Stage("sweep", "r2v.tune.sweep:run_sweep", COMMON + ("router", "sweep"),
-          ("collect-router", "train-bc", "train-dpo"), "sweep/frontier.parquet, best-*.yaml"),
+          ("collect-router", "train-bc", "train-dpo", "select-policy"), "sweep/frontier.parquet, best-*.yaml"),
     Stage("eval", "r2v.eval.live:run_eval", COMMON + ("router", "eval", "teacher"),
-          ("tasks", "train-bc", "train-dpo", "train-verifier", "collect-router", "train-router"),
+          ("tasks", "train-bc", "train-dpo", "train-verifier", "select-policy", "collect-router", "train-router"),
           "eval/episodes/, eval/summary.json"),
     Stage("report", "r2v.eval.report:run_report", COMMON + ("eval",),
-          ("eval", "sweep", "collect-router", "train-router"), "report/results.json, *.md, *.png"),
+          ("select-policy", "eval", "sweep", "collect-router", "train-router"), "report/results.json, *.md, *.png"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 # Stages whose products are deterministic files: a run is identified by their bytes, so re-running such a
-# stage by hand (`r2v tasks`, `--from init-model`) and getting the same bytes leaves downstream up to date.
+# stage by hand (`r2v tasks`, `--from init-model`) and getting the same bytes leaves downstream up to date
+# (select-policy plays episodes, but its product is the decision and its counts).
 # Every other stage (episode shards carry latencies) is identified by its run id: any re-run invalidates
 # what was built from it.
 CONTENT_ADDRESSED: dict[str, Callable[[Experiment], list[Path]]] = {
@@ -77,6 +83,7 @@ CONTENT_ADDRESSED: dict[str, Callable[[Experiment], list[Path]]] = {
     "train-bc": lambda e: [e.model("bc")],
     "train-dpo": lambda e: [e.model("dpo")],
     "train-verifier": lambda e: [e.model("verifier")],
+    "select-policy": lambda e: [e.selection_file],
 }
 
 

@@ -51,7 +51,7 @@ STEPS_V1 = pa.schema(
     ]
 )
 
-PAIRS_V1 = pa.schema(
+PAIRS_V2 = pa.schema(
     [
         pa.field("experiment", pa.string(), nullable=False),
         pa.field("env", pa.string(), nullable=False),
@@ -64,8 +64,11 @@ PAIRS_V1 = pa.schema(
         pa.field("rejected", pa.string(), nullable=False),
         pa.field("chosen_score", pa.float32()),
         pa.field("rejected_score", pa.float32()),
-        pa.field("peer_prompt", pa.string()),  # same task/step under another perturbation seed (consistency)
+        pa.field("peer_prompt", pa.string()),  # the same state (task + action prefix) under another seed (consistency)
         pa.field("peer_seed", pa.int64()),
+        # v2: the split of the probed game (val pairs validate DPO) and where `chosen` came from (teacher | verifier)
+        pa.field("split", pa.string()),
+        pa.field("chosen_source", pa.string()),
         pa.field("schema_version", pa.int16(), nullable=False),
     ]
 )
@@ -93,7 +96,7 @@ ROUTER_ROWS_V2 = pa.schema(
 
 SCHEMAS: dict[str, tuple[int, pa.Schema]] = {
     "steps": (1, STEPS_V1),
-    "pairs": (1, PAIRS_V1),
+    "pairs": (2, PAIRS_V2),
     "router_rows": (2, ROUTER_ROWS_V2),
 }
 

@@ -41,6 +41,7 @@ def check_env(
     env = make_env(cfg.env, perturbed=perturbed)
     start = time.perf_counter()
     wins, steps, tool_failures, invalid = 0, 0, 0, 0
+    outcomes: list[tuple[str, bool]] = []  # (task id, won) per episode: CIs by game need the game of each
     counts: Counter[str] = Counter()
     cap = cfg.env.max_steps + 5  # an env must end episodes itself; this only stops a broken one
     try:
@@ -67,6 +68,7 @@ def check_env(
                 raise R2VError(f"env {env.name!r} did not end task {task.task_id} within {cap} steps "
                                f"(env.max_steps = {cfg.env.max_steps})")
             wins += bool(result.success)
+            outcomes.append((task.task_id, bool(result.success)))
             steps += n
     finally:
         env.close()
@@ -79,6 +81,8 @@ def check_env(
         "episodes": episodes,
         "tasks": len(tasks),
         "success_rate": wins / episodes,
+        "episode_task": [t for t, _ in outcomes],
+        "episode_success": [w for _, w in outcomes],
         "mean_steps": steps / episodes,
         "tool_failures": tool_failures,
         "invalid_actions": invalid,

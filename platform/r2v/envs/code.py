@@ -32,6 +32,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import textwrap
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -433,6 +434,14 @@ class CodeEnv:
     @classmethod
     def load_tasks(cls, env_cfg) -> list[Task]:
         code_cfg = env_cfg.code
+        proc = code_cfg.procedural
+        if proc.enabled:  # generated families (r2v.envs.families.code) instead of the dataset
+            from r2v.envs.families.code import generate
+
+            tasks = [problem_to_task(r) for r in generate(proc.seed, proc.instances, list(proc.templates))]
+            for t in tasks:
+                t.payload["oracle_writes_body"] = True  # short, learnable teacher actions
+            return tasks
         path = code_cfg.dataset_path or default_dataset_path()
         rows = read_problems(path)
         if code_cfg.max_tasks is not None:
@@ -453,8 +462,8 @@ class CodeEnv:
         self.success = False
         p = task.payload
         self.goal = task.goal or _goal(p["prompt"], p["entry_point"])
-        # as a `write` of prompt + reference would leave solution.py (the oracle compares against this)
-        self.canonical = _parse_write("write\n" + p["prompt"] + p["canonical_solution"], p["prompt"], p["entry_point"])
+        # as the oracle's `write` leaves solution.py (the oracle compares against this)
+        self.canonical = _parse_write(self._oracle_write(), p["prompt"], p["entry_point"])
         return Observation(goal=self.goal, text=(
             "You are in a Python sandbox; solution.py is empty. Write your solution with `write`, check it "
             "with `run tests`, then `submit`."
@@ -575,11 +584,18 @@ class CodeEnv:
         if self.task is None or self.done:
             return None
         if self.solution != self.canonical:
-            p = self.task.payload
-            return "write\n" + p["prompt"] + p["canonical_solution"]
+            return self._oracle_write()
         if not self.tested:
             return "run tests"
         return "submit"
+
+    def _oracle_write(self) -> str:
+        """The reference as a `write`: prompt + body (dataset problems), or just the body for generated
+        families (payload `oracle_writes_body`), the short form a tiny SLM can learn to produce."""
+        p = self.task.payload
+        if p.get("oracle_writes_body"):
+            return "write\n" + textwrap.dedent(p["canonical_solution"]).strip("\n")
+        return "write\n" + p["prompt"] + p["canonical_solution"]
 
     def sample_action(self, rng: random.Random) -> str:
         """A random plausible action for the `random` baseline."""

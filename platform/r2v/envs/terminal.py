@@ -422,7 +422,17 @@ class TerminalEnv:
 
     @classmethod
     def load_tasks(cls, env_cfg) -> list[Task]:
-        root = _tasks_dir(env_cfg)
+        proc = env_cfg.terminal.procedural
+        if proc.enabled:  # generated families (r2v.envs.families.terminal), written as task dirs once
+            from r2v.envs.families.terminal import generate
+
+            return cls.tasks_in(generate(Path(env_cfg.terminal.generated_dir), proc.seed, proc.instances,
+                                         list(proc.templates)))
+        return cls.tasks_in(_tasks_dir(env_cfg))
+
+    @staticmethod
+    def tasks_in(root: Path) -> list[Task]:
+        """One task per task directory under `root` (Terminal-Bench layout), id = directory name."""
         tasks = []
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
             meta = _read_task_yaml(d)

@@ -9,6 +9,8 @@ drawn too, labelled as a validation estimate.
 (AUC of success on [0, 0.5] calls/step, calls/step to reach the teacher − 2 points, ECE/Brier where measured).
 `results.json`: every method row, plus `frontier`: those per-router summaries with paired-bootstrap CIs.
 `reliability.png`: R2V's predicted risk vs the observed rate on held-out test router rows.
+`slm_selection` (results.json) and "Deployed SLM" (results.md): select-policy's validation numbers for BC and DPO
+and which of them every routed method above played (models/selected.json).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import numpy as np
 
 from r2v.config import R2VConfig
 from r2v.eval.metrics import SUMMARY_KEYS, frontier_bootstrap, frontier_summary, router_curves, split_method
-from r2v.experiment import Experiment
+from r2v.experiment import Experiment, read_selection
 
 # a budgeted method's target and the rate its τ gave on the calibration games, beside the realised test rate
 RESULT_KEYS = SUMMARY_KEYS + ("budget", "calibration_call_rate", "threshold")
@@ -225,21 +227,39 @@ def plot_reliability(p: np.ndarray, y: np.ndarray, path, bins: int = 10) -> None
     plt.close(fig)
 
 
+def selection_table(selection: dict[str, Any]) -> str:
+    """select-policy's decision: each candidate's validation success per condition and pooled, and the choice."""
+    conditions = [c for c in ("clean", "perturbed") if any(c in r for r in selection["candidates"].values())]
+    head = "| SLM | " + " | ".join(f"{c} success [95% CI by game] (episodes)" for c in conditions)
+    lines = [head + " | pooled success (wins/episodes) | deployed |", "|" + "---|" * (len(conditions) + 3)]
+    for name, r in selection["candidates"].items():
+        cells = [f"{_fmt(r[c]['success'])} {_ci(r[c]['success_ci'])} ({r[c]['episodes']})" if c in r else "–"
+                 for c in conditions]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(r['success'])} ({r['wins']}/{r['episodes']}) "
+                     f"| {'**yes**' if name == selection['selected'] else 'no'} |")
+    return (f"{selection.get('games', '–')} validation games, SLM alone, live; rule: {selection.get('rule', '')}\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=None, sweep_frontier=None,
-                  n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+                  n_boot: int = 1000, seed: int = 0, selection: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """results.json, results.md and frontier.png under `out`; returns the per-router frontier summaries.
-    `steps`: the eval's per-step records (for the frontier's paired bootstrap CIs); None = point estimates."""
+    `steps`: the eval's per-step records (for the frontier's paired bootstrap CIs); None = point estimates.
+    `selection`: select-policy's decision (models/selected.json), reported beside the methods."""
     front = frontier_of(results, steps, n_boot=n_boot, seed=seed)
     doc: dict[str, Any] = {name: {k: r.get(k) for k in RESULT_KEYS}
                            | {"extra": {k: v for k, v in r.items() if k not in RESULT_KEYS}}
                            for name, r in results.items()}
     doc["frontier"] = front
+    if selection is not None:
+        doc["slm_selection"] = selection
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=float))
     (out / "results.md").write_text(
         f"# {title}\n\n" + markdown_table(results)
         + "\n## Matched LLM-call budgets\n\nsuccess [95% CI by game] @ realised live LLM calls/step on the test games "
           "(the rate the same τ gave on the calibration games)\n\n"
-        + budget_table(results) + "\n## Frontier per router\n\n" + frontier_table(front))
+        + budget_table(results) + "\n## Frontier per router\n\n" + frontier_table(front)
+        + ("" if selection is None else "\n## Deployed SLM (select-policy)\n\n" + selection_table(selection)))
     plot_frontier(results, out / "frontier.png", sweep_frontier)
     return front
 
@@ -264,7 +284,8 @@ def run_report(cfg: R2VConfig) -> dict[str, Any]:
 
         steps = ShardStore(exp.eval_episodes, "steps").read_pandas(columns=STEP_COLUMNS)
     write_results(results, out, f"{cfg.experiment}: live evaluation on `{cfg.eval.split}` ({cfg.env.name})",
-                  steps=steps, sweep_frontier=frontier, n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed)
+                  steps=steps, sweep_frontier=frontier, n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed,
+                  selection=read_selection(exp.models_dir))
     rows = read_router_rows(cfg)
     label = LABEL_COLUMNS[cfg.router.label]
     test = rows[(rows["split"] == "test") & rows[label].notna()]

@@ -20,7 +20,8 @@ from r2v.envs.base import Env
 from r2v.errors import R2VError
 from r2v.experiment import is_model_dir
 from r2v.policies.base import Candidate, Decision, StepContext
-from r2v.policies.prompts import completion, encode_pair, parse_action, render_prompt
+from r2v.policies.prompts import (completion, encode_pair, encode_pairs, encode_prompt, parse_action, prompt_chars,
+                                  render_prompt)
 
 
 def resolve_dtype(spec: str, device):
@@ -70,8 +71,11 @@ class SLMPolicy:
 
     # -- scoring --------------------------------------------------------------------------------------
     def score(self, prompts: list[str], completions: list[str], batch_size: int = 64) -> list[tuple[float, float]]:
-        """(summed, mean) log-prob of each completion (+eos) after its prompt."""
+        """(summed, mean) log-prob of each completion (+eos) after its prompt: every (prompt, completion)
+        encoded in full, in padded batches (the reference for `score_actions`)."""
         import torch
+
+        from r2v.policies.logprobs import completion_logps
 
         encoded = [encode_pair(self.tokenizer, p, c, self.max_tokens) for p, c in zip(prompts, completions)]
         out: list[tuple[float, float]] = []
@@ -81,17 +85,74 @@ class SLMPolicy:
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, (seq, _) in enumerate(chunk):
+            rows, cols, targets = [], [], []
+            for j, (seq, n_prompt) in enumerate(chunk):
                 ids[j, : len(seq)] = torch.tensor(seq)
                 mask[j, : len(seq)] = 1
+                rows += [j] * (len(seq) - n_prompt)
+                cols += range(n_prompt - 1, len(seq) - 1)  # the output at position t predicts token t + 1
+                targets += seq[n_prompt:]
             with torch.no_grad():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            for j, (seq, n_prompt) in enumerate(chunk):
-                target = torch.tensor(seq[n_prompt:], device=self.device)
-                lp = logp[j, n_prompt - 1 : len(seq) - 1].gather(-1, target[:, None]).squeeze(-1)
-                out.append((float(lp.sum()), float(lp.mean())))
+                lp = completion_logps(self.model, ids.to(self.device), mask.to(self.device),
+                                      (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)),
+                                      torch.tensor(targets, device=self.device)).cpu()
+            start = 0
+            for seq, n_prompt in chunk:
+                part = lp[start : start + len(seq) - n_prompt]
+                start += len(seq) - n_prompt
+                out.append((float(part.sum()), float(part.mean())))
         return out
+
+    def score_actions(self, prompt: str, completions: list[str]) -> list[tuple[float, float]]:
+        """`score` for many completions of one prompt, sharing its prefix: the prompt is encoded once and every
+        completion continues from its KV cache in one batch (rank mode scores every admissible action).
+        Completions whose prompt tokens differ (cut differently to fit the context) go through `score`."""
+        from r2v.policies.logprobs import decoder_and_head
+
+        parts = decoder_and_head(self.model)
+        encoded = encode_pairs(self.tokenizer, prompt, completions, self.max_tokens)
+        if parts is None or len(encoded) < 2:
+            return self.score([prompt] * len(completions), completions)
+        prefix = encoded[0][0][: encoded[0][1]]
+        shared = [i for i, (ids, n) in enumerate(encoded) if ids[:n] == prefix]
+        rest = [i for i in range(len(encoded)) if i not in set(shared)]
+        out = dict(zip(rest, self.score([prompt] * len(rest), [completions[i] for i in rest]))) if rest else {}
+        out.update(zip(shared, self._continue(prefix, [encoded[i][0][len(prefix):] for i in shared], *parts)))
+        return [out[i] for i in range(len(encoded))]
+
+    def _continue(self, prefix: list[int], conts: list[list[int]], decoder, head) -> list[tuple[float, float]]:
+        """(summed, mean) log-prob of each continuation (>= 1 token each) after `prefix`: one forward of the
+        prefix, then every continuation right-padded in one batch over the prefix's cache repeated per row."""
+        import torch
+
+        from r2v.policies.logprobs import hidden_logps, selective_logps
+
+        dev = self.device
+        with torch.no_grad():
+            res = decoder(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
+            last = head(res.last_hidden_state[0, -1:])  # one row of logits predicts every first token
+            lps = [[x] for x in selective_logps(last.expand(len(conts), -1),
+                                                torch.tensor([c[0] for c in conts], device=dev)).tolist()]
+            width = max(len(c) for c in conts) - 1
+            if width > 0:
+                ids = torch.full((len(conts), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(conts), len(prefix) + width), dtype=torch.long)
+                mask[:, : len(prefix)] = 1
+                rows, cols, targets = [], [], []
+                for k, c in enumerate(conts):
+                    ids[k, : len(c) - 1] = torch.tensor(c[:-1])
+                    mask[k, len(prefix) : len(prefix) + len(c) - 1] = 1
+                    rows += [k] * (len(c) - 1)
+                    cols += range(len(c) - 1)  # the output at position t predicts token t + 1
+                    targets += c[1:]
+                cache = res.cache
+                cache.batch_repeat_interleave(len(conts))
+                hidden = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), cache=cache,
+                                 use_cache=True).last_hidden_state
+                at = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+                for k, x in zip(rows, hidden_logps(hidden[at], head, torch.tensor(targets, device=dev)).tolist()):
+                    lps[k].append(x)
+        return [(sum(x), sum(x) / len(x)) for x in lps]
 
     # -- acting ---------------------------------------------------------------------------------------
     def act(self, ctxs: list[StepContext]) -> list[Decision]:
@@ -105,20 +166,14 @@ class SLMPolicy:
         return [decisions[i] for i in range(len(ctxs))]
 
     def prompt(self, ctx: StepContext) -> str:
-        return render_prompt(ctx, self.cfg.history_steps)
+        return render_prompt(ctx, self.cfg.history_steps, **prompt_chars(self.cfg))
 
     def rank(self, ctxs: list[StepContext]) -> list[Decision]:
-        prompts, comps, owner = [], [], []
-        for i, ctx in enumerate(ctxs):
-            p = self.prompt(ctx)
-            for a in ctx.observation.admissible:
-                prompts.append(p)
-                comps.append(completion(a))
-                owner.append((i, a))
-        scores = self.score(prompts, comps)
-        per: list[list[Candidate]] = [[] for _ in ctxs]
-        for (i, a), (s, m) in zip(owner, scores):
-            per[i].append(Candidate(a, s, m))
+        per: list[list[Candidate]] = []
+        for ctx in ctxs:
+            actions = list(ctx.observation.admissible)
+            scores = self.score_actions(self.prompt(ctx), [completion(a) for a in actions])
+            per.append([Candidate(a, s, m) for a, (s, m) in zip(actions, scores)])
         decisions = []
         for ctx, cands in zip(ctxs, per):
             cands.sort(key=lambda c: c.logprob, reverse=True)
@@ -146,7 +201,7 @@ class SLMPolicy:
         k = self.cfg.num_candidates
         prompts = [self.prompt(c) for c in ctxs]
         budget = max(8, self.max_tokens - self.cfg.max_new_tokens)
-        enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"][-budget:] for p in prompts]
+        enc = [encode_prompt(self.tokenizer, p, budget) for p in prompts]
         width = max(len(e) for e in enc)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=self.device)
@@ -165,7 +220,7 @@ class SLMPolicy:
             actions = list(dict.fromkeys(a for a in (parse_action(t) for t in texts[i * k : (i + 1) * k]) if a))
             if not actions:  # nothing parseable: an empty action, which ends the episode as the SLM's failure
                 actions = [""]
-            scores = self.score([prompts[i]] * len(actions), [completion(a) for a in actions])
+            scores = self.score_actions(prompts[i], [completion(a) for a in actions])
             cands = sorted((Candidate(a, s, m) for a, (s, m) in zip(actions, scores)),
                            key=lambda c: c.logprob, reverse=True)
             ent = float(-(first[i * k].exp() * first[i * k]).sum())

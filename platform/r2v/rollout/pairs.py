@@ -1,11 +1,21 @@
-"""`build-pairs`: verifier-ranked preference pairs from the BC policy, on teacher states under perturbations.
+"""`build-pairs`: preference pairs from the BC policy at teacher states under perturbations.
 
-For every train task and every seed in `dpo.perturbation_seeds`, the teacher plays the episode (so the
+For every train and val task and every seed in `dpo.perturbation_seeds`, the teacher plays the episode (so the
 states are the teacher's, under that seed's perturbations) while a probe asks the BC policy for its K
 candidates at each state and the verifier scores them; these probe episodes are ordinary step shards
-(`rollouts/pair-probes/`). A pair is (best-scored candidate, lowest-scored candidate with different text),
-kept when the score gap is at least `dpo.pair_margin`. Its consistency peer is the same task and step under
-another perturbation seed (the prompt the policy should answer the same way).
+(`rollouts/pair-probes/`). At each probed state (`dpo.chosen`):
+
+* chosen = the teacher's action there (`teacher`, the paper's rule: the teacher acted at every probed state),
+  else the verifier's best candidate (`verifier`, or where no teacher action is recorded);
+* rejected = the SLM's own preferred wrong candidates, most likely first (hard negatives), up to
+  `dpo.negatives` per state: the candidates whose text is not the chosen one (with the verifier as judge:
+  also scored at least `dpo.pair_margin` below it).
+
+A pair's consistency peer is the *same underlying state* under another perturbation seed: same task and
+same actions executed so far (an action whose tool call failed never reached the env, so it is not part of
+the prefix). A step index is not a state: after a failed call the teacher repeats its action, so step t of
+two seeds can be different places in the game. Pairs from val games (`split` = val) validate
+train-dpo and are never trained on.
 """
 from __future__ import annotations
 
@@ -16,7 +26,7 @@ from r2v.data import ShardStore
 from r2v.envs.base import Env
 from r2v.experiment import Experiment, is_model_dir
 from r2v.policies.base import Decision, StepContext
-from r2v.policies.prompts import prompt_from_row
+from r2v.policies.prompts import prompt_chars, prompt_from_row
 
 
 class PairProbeAgent:
@@ -48,37 +58,91 @@ class PairProbeFactory:
         return PairProbeAgent(RemoteSLM(self.server), make_verifier(cfg), make_teacher(cfg))
 
 
+def teacher_action(row: dict[str, Any]) -> str | None:
+    """The teacher's action at a probed state: what it did there (probe episodes let the teacher act), else
+    the env's reference action recorded with the step; None when there is neither."""
+    for text in (row.get("action") if row.get("actor") == "teacher" else None, row.get("oracle_action")):
+        if isinstance(text, str) and text.strip():
+            return text.strip()
+    return None
+
+
+def preferences(row: dict[str, Any], chosen_rule: str, negatives: int, margin: float
+                ) -> tuple[str, str, float | None, list[dict[str, Any]]] | None:
+    """(chosen text, its source, its verifier score, rejected candidates) at one probed state, or None."""
+    raw = row.get("candidates")
+    cands = [c for c in ([] if raw is None else list(raw)) if (c["text"] or "").strip()]
+    teacher = teacher_action(row) if chosen_rule == "teacher" else None
+    if teacher is not None:
+        score = next((c["verifier_score"] for c in cands if c["text"].strip() == teacher), None)
+        wrong = [c for c in cands if c["text"].strip() != teacher]
+        chosen, source = teacher, "teacher"
+    else:
+        scored = [c for c in cands if c["verifier_score"] is not None]
+        if len(scored) < 2:
+            return None
+        best = max(scored, key=lambda c: (c["verifier_score"], c["logprob"]))
+        wrong = [c for c in scored if c["text"] != best["text"] and best["verifier_score"] - c["verifier_score"] >= margin]
+        chosen, source, score = best["text"], "verifier", best["verifier_score"]
+    rejected, seen = [], {chosen.strip()}
+    for c in sorted(wrong, key=lambda c: -c["logprob"]):  # the SLM's most likely wrong answers first
+        if c["text"].strip() not in seen and len(rejected) < negatives:
+            seen.add(c["text"].strip())
+            rejected.append(c)
+    return (chosen, source, score, rejected) if rejected else None
+
+
+FAILED_CALL = "tool_flakiness/failure"  # shown on the next step: the action never reached the env
+
+
+def state_keys(probes) -> dict[tuple[str, int], tuple[str, tuple[str, ...]]]:
+    """(episode_id, step) -> (task_id, actions the env executed before the step): the state of a probe row."""
+    keys = {}
+    for episode_id, ep in probes.groupby("episode_id", sort=False):
+        ep = ep.sort_values("step")
+        shown = list(ep["perturbation"]) if "perturbation" in ep else [None] * len(ep)
+        prefix: list[str] = []
+        for i, (task_id, step, action) in enumerate(zip(ep["task_id"], ep["step"], ep["action"])):
+            keys[(episode_id, int(step))] = (task_id, tuple(prefix))
+            failed = i + 1 < len(ep) and shown[i + 1] is not None and FAILED_CALL in list(shown[i + 1])
+            if not failed:
+                prefix.append(str(action))
+    return keys
+
+
 def pairs_from_probes(cfg: R2VConfig, probes) -> list[dict[str, Any]]:
-    """Pair rows (PAIRS_V1) from probe step rows; a peer is the same (task, step) under the next seed."""
-    hist = cfg.policy.history_steps
-    by_state: dict[tuple[str, int], dict[int, dict]] = {}
+    """Pair rows (PAIRS_V2) from probe step rows; a row's peer is the same state (task + executed actions) as
+    first reached under the next seed that reached it."""
+    hist, d = cfg.policy.history_steps, cfg.dpo
+    chars = prompt_chars(cfg.policy)
+    keys = state_keys(probes)
+    by_state: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
     for row in probes.to_dict("records"):
-        by_state.setdefault((row["task_id"], int(row["step"])), {})[int(row["perturbation_seed"])] = row
+        by_state.setdefault(keys[(row["episode_id"], int(row["step"]))], []).append(row)
     pairs = []
-    for (task_id, step), seeds in sorted(by_state.items()):
-        order = sorted(seeds)
-        for i, seed in enumerate(order):
-            row = seeds[seed]
-            raw = row["candidates"]
-            cands = [c for c in ([] if raw is None else list(raw)) if c["verifier_score"] is not None]
-            if len(cands) < 2:
+    for _, rows in sorted(by_state.items()):
+        rows.sort(key=lambda r: (int(r["perturbation_seed"]), int(r["step"])))
+        first: dict[int, dict] = {}
+        for r in rows:
+            first.setdefault(int(r["perturbation_seed"]), r)
+        order = sorted(first)
+        for row in rows:
+            seed = int(row["perturbation_seed"])
+            prefs = preferences(row, d.chosen, d.negatives, d.pair_margin)
+            if prefs is None:
                 continue
-            best = max(cands, key=lambda c: (c["verifier_score"], c["logprob"]))
-            others = [c for c in cands if c["text"] != best["text"]]
-            if not others:
-                continue
-            worst = min(others, key=lambda c: (c["verifier_score"], -c["logprob"]))
-            if best["verifier_score"] - worst["verifier_score"] < cfg.dpo.pair_margin:
-                continue
-            peer = seeds[order[(i + 1) % len(order)]] if len(order) > 1 else None
-            pairs.append({
-                "experiment": cfg.experiment, "env": row["env"], "task_id": task_id, "episode_id": row["episode_id"],
-                "step": step, "perturbation_seed": seed, "prompt": prompt_from_row(row, hist),
-                "chosen": best["text"], "rejected": worst["text"],
-                "chosen_score": best["verifier_score"], "rejected_score": worst["verifier_score"],
-                "peer_prompt": prompt_from_row(peer, hist) if peer is not None else None,
-                "peer_seed": int(peer["perturbation_seed"]) if peer is not None else None,
-            })
+            chosen, source, score, rejected = prefs
+            peer = first[order[(order.index(seed) + 1) % len(order)]] if len(order) > 1 else None
+            for rej in rejected:
+                pairs.append({
+                    "experiment": cfg.experiment, "env": row["env"], "task_id": row["task_id"],
+                    "episode_id": row["episode_id"], "step": int(row["step"]), "perturbation_seed": seed,
+                    "split": row.get("split"), "prompt": prompt_from_row(row, hist, **chars), "chosen": chosen,
+                    "chosen_source": source, "rejected": rej["text"], "chosen_score": score,
+                    "rejected_score": rej["verifier_score"],
+                    "peer_prompt": prompt_from_row(peer, hist, **chars) if peer is not None else None,
+                    "peer_seed": int(peer["perturbation_seed"]) if peer is not None else None,
+                })
     return pairs
 
 
@@ -94,7 +158,7 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
     exp = Experiment(cfg)
     bc_dir = exp.model("bc")  # pairs probe the BC policy (DPO's reference), else what is deployed
     model_dir = str(bc_dir) if is_model_dir(bc_dir) else str(exp.deployed_policy_dir())
-    units = plan_units(tasks_by_split(cfg, ["train"]), list(cfg.dpo.perturbation_seeds), 1, "pair-probe")
+    units = plan_units(tasks_by_split(cfg, ["train", "val"]), list(cfg.dpo.perturbation_seeds), 1, "pair-probe")
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     try:
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
@@ -110,4 +174,5 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
         store.write("pairs", pairs)
     with_peer = sum(p["peer_prompt"] is not None for p in pairs)
     return {"model": model_dir, "probe_episodes": summary["episodes_requested"], "probe_steps": len(probes),
-            "pairs": len(pairs), "pairs_with_peer": with_peer}
+            "pairs": len(pairs), "val_pairs": sum(p["split"] == "val" for p in pairs), "pairs_with_peer": with_peer,
+            "teacher_chosen": sum(p["chosen_source"] == "teacher" for p in pairs)}

@@ -15,7 +15,8 @@ UNSERVABLE_ROUTERS = {"oracle_teacher": "the oracle_teacher router needs a live 
 
 
 def slm_path(cfg: R2VConfig, models_dir: str | Path) -> str:
-    """`serve.slm_path`, else the deployed SLM under models_dir (r2v.experiment: dpo, else bc), else `model.path`."""
+    """`serve.slm_path`, else the deployed SLM under models_dir (r2v.experiment: select-policy's choice, else dpo,
+    else bc), else `model.path`."""
     if cfg.serve.slm_path:
         path = Path(cfg.serve.slm_path)
     else:

@@ -7,8 +7,10 @@ prompt = `prompt_from_row(row, policy.history_steps)`, completion = `completion(
 is cut from the left so the sequence fits `model.max_context_tokens`; the loss (token-mean cross-entropy)
 is on the completion tokens only.
 
-Loop: a plain `deepspeed.initialize` loop inside `ray.train.torch.TorchTrainer` (r2v.train.common) —
-simpler to make exactly resumable than TRL's SFTTrainer under Ray Train V2, and shared with DPO.
+Loop (`bc.trainer`): `r2v` — a plain `deepspeed.initialize` loop inside `ray.train.torch.TorchTrainer`
+(r2v.train.common), exactly resumable mid-epoch after a driver crash and shared with DPO; `trl` — TRL's
+`SFTTrainer` in the same `TorchTrainer` (r2v.train.trl_sft), resumable after a worker failure. Both train on
+the same token split and report the same per-epoch validation numbers.
 LoRA (`model.lora.enabled`): the adapter is trained and **merged** into the base weights when the final
 model is written, so `models/bc` is always a plain HF causal-LM directory.
 Output: `<experiment>/models/bc` (weights + tokenizer); per-epoch train loss, val loss and tokens/s in
@@ -122,11 +124,14 @@ class SFTObjective:
         return out
 
 
-def bc_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Path]]:
-    """(train, val) prompt/completion examples from the teacher step shards, and the files read."""
+def labelled_steps(cfg: R2VConfig):
+    """The teacher step shards as one Arrow table with a `label` column: the teacher's choice at the state (the
+    executed action on teacher steps, the recorded oracle action on exploration detours, so BC also learns to
+    recover); rows without one are dropped. Returns (table, files read)."""
+    import pyarrow.compute as pc
+
     from r2v.data import ShardStore
     from r2v.experiment import Experiment
-    from r2v.policies.prompts import completion, prompt_from_row
 
     store = ShardStore(Experiment(cfg).rollouts("teacher"), "steps")
     files = store.files()
@@ -134,20 +139,30 @@ def bc_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, An
         raise R2VError(f"no teacher step shards under {store.root}: run `r2v collect-teacher` first")
     table = store.read(["split", "goal", "history", "observation", "action", "actor", "oracle_action",
                         "admissible", "episode_id", "step"])
+    actor = table["actor"]
+    label = pc.utf8_trim_whitespace(pc.if_else(pc.equal(actor, "teacher"), table["action"],
+                                               pc.if_else(pc.equal(actor, "explore"), table["oracle_action"], None)))
+    table = table.append_column("label", label)
+    keep = pc.fill_null(pc.greater(pc.utf8_length(label), 0), False)
+    table = table.filter(keep)
+    if not pc.any(pc.equal(table["split"], "train")).as_py():
+        raise R2VError(f"no teacher steps with split=train and a non-empty action under {store.root}; "
+                       "re-run `r2v collect-teacher`")
+    return table, files
+
+
+def bc_examples(cfg: R2VConfig, steps=None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Path]]:
+    """(train, val) prompt/completion examples from the teacher step shards (`steps`: `labelled_steps(cfg)`
+    when already read), and the files read."""
+    from r2v.policies.prompts import completion, prompt_chars, prompt_from_row
+
+    table, files = steps or labelled_steps(cfg)
     rank_mode = cfg.policy.mode == "rank"
     train, val = [], []
     for row in table.to_pylist():
-        # the label is the teacher's choice at this state: the executed action on teacher steps, the
-        # recorded oracle action on exploration detours (so BC also learns to recover)
-        if row.get("actor") == "teacher":
-            action = (row.get("action") or "").strip()
-        elif row.get("actor") == "explore":
-            action = (row.get("oracle_action") or "").strip()
-        else:
-            continue
-        if not action:
-            continue
-        ex = {"prompt": prompt_from_row(row, cfg.policy.history_steps), "completion": completion(action)}
+        action = row["label"]
+        ex = {"prompt": prompt_from_row(row, cfg.policy.history_steps, **prompt_chars(cfg.policy)),
+              "completion": completion(action)}
         others = [a for a in dict.fromkeys(row.get("admissible") or []) if a.strip() != action] if rank_mode else []
         if row["split"] == "train":
             if cfg.bc.rank_weight > 0 and others:  # a fixed random subset per step (reproducible runs)
@@ -159,21 +174,29 @@ def bc_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, An
             val.append(ex)
     if 0 < cfg.bc.max_val_steps < len(val):  # scoring every command of every held-out step each epoch is costly
         val = random.Random(cfg.bc.seed).sample(val, cfg.bc.max_val_steps)
-    if not train:
-        raise R2VError(f"no teacher steps with split=train and a non-empty action under {store.root}; "
-                       "re-run `r2v collect-teacher`")
     return train, val, files
 
 
 def run_train_bc(cfg: R2VConfig) -> dict[str, Any]:
     """Pipeline stage `train-bc`: base model `model.path` -> `<experiment>/models/bc`."""
     from r2v.experiment import Experiment
+    from r2v.policies.prompts import prompt_chars
 
-    train, val, files = bc_examples(cfg)
+    steps = labelled_steps(cfg)
+    train, val, files = bc_examples(cfg, steps)
     out = Experiment(cfg).model("bc")
+    worker = None
+    if cfg.bc.trainer == "trl":  # TRL's SFTTrainer reads the Arrow table itself (datasets.Dataset, no row copies)
+        import pyarrow.compute as pc
+
+        from r2v.train.trl_sft import sft_worker
+
+        table = steps[0]
+        train, worker = table.filter(pc.equal(table["split"], "train")), sft_worker
     return fit(cfg, kind="bc", objective_cls=SFTObjective, train=cfg.bc, model_path=cfg.model.path, out_dir=out,
-               train_examples=train, val_examples=val, extra={"history_steps": cfg.policy.history_steps},
-               data_files=files)
+               train_examples=train, val_examples=val,
+               extra={"history_steps": cfg.policy.history_steps, "prompt_chars": prompt_chars(cfg.policy)},
+               data_files=files, worker=worker)
 
 
 __all__ = ["run_train_bc", "bc_examples", "SFTObjective"]

@@ -18,6 +18,9 @@ Shape of a run (`fit`):
   brings back the DeepSpeed state plus `trainer_state.json` (micro-step, carried epoch sums, history).
 * The final checkpoint also holds `hf/`: the consolidated weights (ZeRO-3 parameters gathered one at a time,
   LoRA merged) saved with `save_pretrained` + the tokenizer. The driver copies it to `models/<kind>`.
+* An objective with a `best_metric` (e.g. DPO: `("val_objective", "min")`) keeps its best validation epoch: the
+  weights are gathered whenever the metric improves, kept on rank 0 (and in every later checkpoint as
+  `best_weights.pt`, so a restart keeps them), and `hf/` holds those instead of the last epoch's.
 
 An `Objective` (BC's SFT loss, DPO's loss) plugs in the data encoding, collation and loss.
 """
@@ -42,6 +45,7 @@ log = logging.getLogger("r2v.train")
 
 IGNORE = -100
 STATE_FILE = "trainer_state.json"
+BEST_FILE = "best_weights.pt"  # rank 0's consolidated weights of the best validation epoch so far
 DS_TAG = "ds"
 HF_SUBDIR = "hf"
 
@@ -53,6 +57,16 @@ def setup_accelerator_env() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_deepspeed_distributed(device) -> None:
+    """DeepSpeed's comm on top of the process group Ray Train made (gloo on CPU, NCCL on GPUs). Needed before
+    any DeepSpeed config is built: ZeRO-3 model loading sizes batches by its world size."""
+    import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized()
+                               else "nccl" if device.type == "cuda" else "gloo")
 
 
 def use_bf16(train: TrainConfig, dtype: str) -> bool:
@@ -94,13 +108,16 @@ def pad_batch(seqs: list[dict[str, Any]], pad_id: int, device=None) -> dict[str,
 
 
 def token_logps(logits, input_ids):
-    """log p(token_{j+1} | tokens_{<=j}) for every target position j (shape [B, T-1]), in fp32."""
+    """log p(token_{j+1} | tokens_{<=j}) for every target position j (shape [B, T-1]), in fp32, computed
+    chunk by chunk (r2v.policies.logprobs): no fp32 [B, T, V] log-softmax is ever materialised."""
     import torch
 
-    logits = logits[:, :-1].float()
-    target = input_ids[:, 1:]
-    picked = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    from r2v.policies.logprobs import selective_logps
+
+    # score every position against the next token (a dummy for the last) so `logits` is read in place,
+    # never sliced into a copy
+    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    return selective_logps(logits, targets)[:, :-1]
 
 
 def sequence_logps(logits, batch):
@@ -251,6 +268,28 @@ def _add(into: dict[str, float], more: dict[str, float]) -> None:
         into[k] = into.get(k, 0.0) + float(v)
 
 
+def _improves(value: float, best: dict[str, Any] | None, mode: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best["value"] if mode == "min" else value > best["value"])
+
+
+def validate(model, objective: Objective, ctx: WorkerContext) -> dict[str, float]:
+    """An epoch's held-out numbers (`val_*`), summed over every rank's share; {} without held-out data.
+    A collective: every rank calls it."""
+    if not ctx.val_features:
+        return {}
+    model.eval()
+    sums = objective.eval_stats(model, ctx.val_features, ctx.val_weights, ctx)
+    model.train()
+    sums = _all_reduce_sums(sums, sorted(sums), ctx.device)
+    return {f"val_{k}": v for k, v in objective.summarize(sums).items() if k != "tokens"}
+
+
+def epoch_line(name: str, row: dict[str, Any]) -> str:
+    return f"[{name}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker function (BC and DPO)."""
     setup_accelerator_env()
@@ -269,10 +308,7 @@ def train_worker(config: dict[str, Any]) -> None:
     rank, world = tc.get_world_rank(), tc.get_world_size()
     device = ray.train.torch.get_device()
     train: dict[str, Any] = config["train"]
-    if dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=dist.get_backend())
-    else:
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    init_deepspeed_distributed(device)
     nodes: list[Any] = [None] * world  # the Ray node of each rank, for the summary (where did it run)
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
 
@@ -314,7 +350,9 @@ def train_worker(config: dict[str, Any]) -> None:
 
     save_every = max(1, int(train["save_steps"])) * ga
 
-    state: dict[str, Any] = {"micro": 0, "carried": {}, "history": [], "resumed_from_step": None}
+    state: dict[str, Any] = {"micro": 0, "carried": {}, "history": [], "resumed_from_step": None, "best": None}
+    best_sd: dict[str, Any] | None = None  # rank 0: weights of state["best"]'s epoch
+    best_metric = getattr(objective, "best_metric", None)  # (row key, "min" | "max") or None: keep the last epoch
     ckpt = ray.train.get_checkpoint()  # set when Ray restarted the worker group after a failure
     if ckpt is None and config.get("resume_path"):  # the driver found an interrupted earlier run
         ckpt = ray.train.Checkpoint.from_directory(config["resume_path"])
@@ -322,12 +360,13 @@ def train_worker(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=False)
             state = json.loads((Path(d) / STATE_FILE).read_text())
+            if rank == 0 and (Path(d) / BEST_FILE).is_file():
+                best_sd = torch.load(Path(d) / BEST_FILE)
         state["resumed_from_step"] = state["micro"] // ga
         if rank == 0:
             print(f"[{objective.name}] resumed from checkpoint at step {state['resumed_from_step']}", flush=True)
 
     local: dict[str, float] = {}
-    t_epoch = time.perf_counter()
     stat_keys: list[str] = []
 
     def report(metrics: dict[str, Any], final: bool, with_ckpt: bool) -> None:
@@ -336,12 +375,16 @@ def train_worker(config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory(prefix=f"r2v-{objective.name}-ckpt-") as d:
             engine.save_checkpoint(d, tag=DS_TAG)
-            if final:
-                sd = gather_state_dict(engine, int(train["zero_stage"]), rank)
+            if final:  # the same choice on every rank: gathering is a collective
+                sd = best_sd if state.get("best") else gather_state_dict(engine, int(train["zero_stage"]), rank)
                 if rank == 0:
+                    if sd is None:
+                        raise R2VError(f"the best `{objective.name}` epoch's weights are missing from the checkpoint")
                     save_hf(sd, config["model_path"], config.get("lora"), tokenizer, Path(d) / HF_SUBDIR)
             if rank == 0:
                 (Path(d) / STATE_FILE).write_text(json.dumps({**state, "final": final}))
+                if best_sd is not None and not final:
+                    torch.save(best_sd, Path(d) / BEST_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
     def flush_local() -> None:
@@ -354,8 +397,6 @@ def train_worker(config: dict[str, Any]) -> None:
     while state["micro"] < total_micro:
         micro = state["micro"]
         epoch, pos = divmod(micro, micro_per_epoch)
-        if pos == 0:
-            t_epoch = time.perf_counter()
         order = epoch_order(n_local, seed, epoch)
         batch_ids = order[pos * mbs : (pos + 1) * mbs]
         t0 = time.perf_counter()
@@ -373,23 +414,22 @@ def train_worker(config: dict[str, Any]) -> None:
             sums = state["carried"]
             row = {"epoch": epoch + 1, "step": step, **objective.summarize(sums)}
             row["tokens_per_s"] = sums.get("tokens", 0.0) / max(1e-9, sums.get("time_s", 0.0) / world)
-            if ctx.val_features:
-                engine.eval()
-                vs = objective.eval_stats(engine, ctx.val_features, ctx.val_weights, ctx)
-                engine.train()
-                vsum = _all_reduce_sums(vs, sorted(vs), device)
-                row.update({f"val_{k}": v for k, v in objective.summarize(vsum).items() if k != "tokens"})
+            row.update(validate(engine, objective, ctx))
+            if best_metric and best_metric[0] in row and _improves(row[best_metric[0]], state.get("best"), best_metric[1]):
+                state["best"] = {"epoch": epoch + 1, "metric": best_metric[0], "value": row[best_metric[0]]}
+                sd = gather_state_dict(engine, int(train["zero_stage"]), rank)  # every rank: the row is all-reduced
+                if rank == 0:
+                    best_sd = sd
             state["history"].append(row)
             state["carried"] = {}
             if rank == 0:
-                shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                print(f"[{objective.name}] {shown}", flush=True)
+                print(epoch_line(objective.name, row), flush=True)
         final = state["micro"] == total_micro
         if final or state["micro"] % save_every == 0:
             if not epoch_done:
                 flush_local()
             metrics = {"step": step, "history": state["history"], "resumed_from_step": state["resumed_from_step"],
-                       "final": final, "worker_nodes": nodes,
+                       "final": final, "worker_nodes": nodes, "best": state.get("best"),
                        "extra": dict(getattr(objective, "extra_metrics", {}) or {})}
             report(metrics, final=final, with_ckpt=True)
         elif epoch_done:
@@ -431,8 +471,10 @@ def latest_checkpoint(run_dir: Path, world: int, zero_stage: int) -> Path | None
 
 def fit(cfg: R2VConfig, *, kind: str, objective_cls, train: TrainConfig, model_path: str, out_dir: Path,
         train_examples: list[dict[str, Any]], val_examples: list[dict[str, Any]], extra: dict[str, Any],
-        data_files: list[Path]) -> dict[str, Any]:
-    """Run one Ray Train job and copy the consolidated HF model to `out_dir`. Returns the summary."""
+        data_files: list[Path], worker=None) -> dict[str, Any]:
+    """Run one Ray Train job and copy the consolidated HF model to `out_dir`. Returns the summary.
+    `worker`: the per-rank function (default `train_worker`, the own loop; BC may use TRL's, r2v.train.trl_sft);
+    `train_examples` is whatever it reads from the object store (example dicts, or an Arrow table for TRL)."""
     from dataclasses import asdict
 
     import ray
@@ -471,13 +513,14 @@ def fit(cfg: R2VConfig, *, kind: str, objective_cls, train: TrainConfig, model_p
             # the same run already finished (its model may have been deleted since): reuse it
             _install(prev / HF_SUBDIR, out_dir)
             metrics = {"step": prev_state["micro"] // int(train.gradient_accumulation_steps),
-                       "history": prev_state["history"], "resumed_from_step": prev_state.get("resumed_from_step")}
+                       "history": prev_state["history"], "resumed_from_step": prev_state.get("resumed_from_step"),
+                       "best": prev_state.get("best")}
             return _summary(kind, out_dir, storage / name, metrics, train, train_examples, val_examples, 0.0,
                             reused=str(prev))
         config["resume_path"] = str(prev)
         log.warning("%s: resuming the interrupted run %s from %s", kind, name, prev.name)
     trainer = TorchTrainer(
-        train_worker,
+        worker or train_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=int(train.num_workers), use_gpu=bool(train.use_gpu)),
         run_config=RunConfig(
@@ -529,6 +572,9 @@ def _summary(kind: str, out_dir: Path, run_dir: Path, metrics: dict[str, Any], t
         "train_wall_s": wall,
         **(metrics.get("extra") or {}),
     }
+    if metrics.get("best"):  # the model saved is this validation epoch's, not the last one's
+        summary["best_epoch"] = metrics["best"]["epoch"]
+        summary[f"best_{metrics['best']['metric']}"] = metrics["best"]["value"]
     if reused:
         summary["reused_checkpoint"] = reused
     if history:

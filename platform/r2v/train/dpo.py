@@ -1,4 +1,4 @@
-"""`train-dpo`: DPO on verifier-ranked candidate pairs + a perturbation-consistency (JSD) term.
+"""`train-dpo`: the paper's objective, L = L_DPO + λ_BC·NLL(chosen) + λ_cons·JSD, on build-pairs' pairs.
 
 Choice: our own DPO loss in the same Ray Train + DeepSpeed loop as BC (r2v.train.common), not TRL's
 DPOTrainer. Reasons: one loop to make resumable and test; the consistency term needs a third forward pass
@@ -14,13 +14,22 @@ frees it before the policy is built. So the reference log-probs are constants of
 they match a fresh computation from `models/bc` after training) and the reference never meets the
 optimizer.
 
-Consistency: for a pair with a `peer_prompt` x^(z') (same task and step under another perturbation seed),
+Consistency: for a pair with a `peer_prompt` x^(z') (the same state: same task and executed actions, under
+another perturbation seed; r2v.rollout.pairs),
 
     L_cons = JSD( softmax(f(x^(z), y_c)/T) ‖ softmax(f(x^(z'), y_c)/T) )
 
 per position over the last N = `dpo.consistency_positions` action tokens of the chosen completion (eos
 excluded), averaged over those positions, then over the pairs that have a peer (pairs without one get no
-term). Gradients flow through both sides. Total: L = mean L_DPO + λ_cons · mean L_cons.
+term). Gradients flow through both sides.
+
+BC: L_BC = the chosen completion's mean per-token NLL (chosen = the teacher's action with `dpo.chosen=teacher`),
+which keeps the policy on the teacher's actions while the preference term pushes its hard negatives down.
+
+Total: L = w_DPO · mean L_DPO + λ_BC · mean L_BC + λ_cons · mean L_cons (`dpo.dpo_weight`, `dpo.bc_weight`,
+`dpo.consistency_weight`; 0 switches a term off and skips its work). Pairs from val games are scored every
+epoch (`val_accuracy`: share of pairs whose chosen reward beats the rejected one; `val_margin`, `val_bc_nll`,
+`val_objective`), and the model saved is the epoch with the lowest `val_objective` (`best_metric`).
 The policy is initialised from `models/bc`; output `<experiment>/models/dpo` (HF dir; LoRA merged).
 Pairs hold actions in `chosen`/`rejected`; the target text is `completion(action)` + eos, as in BC.
 """
@@ -89,8 +98,9 @@ def policy_forward(model, features: list[dict[str, Any]], pad_id: int, device, p
     batch = pad_batch(seqs, pad_id, device)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     seq_logps = (token_logps(logits, batch["input_ids"]) * batch["loss_mask"]).sum(-1)
+    n_completion = batch["loss_mask"][:b].sum(-1).clamp_min(1).to(seq_logps.dtype)
     out = {"chosen": seq_logps[:b], "rejected": seq_logps[b : 2 * b], "peer_rows": peers,
-           "tokens": batch["attention_mask"].sum(), "cons": None}
+           "chosen_nll": -seq_logps[:b] / n_completion, "tokens": batch["attention_mask"].sum(), "cons": None}
     if peers:
         import torch
 
@@ -115,15 +125,18 @@ def reference_logps(ref_model, features: list[dict[str, Any]], pad_id: int, devi
 
 
 def dpo_loss(model, features: list[dict[str, Any]], pad_id: int, device, *, beta: float, weight: float,
-             positions: int, temperature: float):
-    """(loss tensor, stat sums) for a batch of encoded pairs carrying `ref_chosen`/`ref_rejected`."""
+             positions: int, temperature: float, bc_weight: float = 0.0, dpo_weight: float = 1.0):
+    """(loss tensor, stat sums) for a batch of encoded pairs carrying `ref_chosen`/`ref_rejected`:
+    dpo_weight·L_DPO + bc_weight·NLL(chosen) + weight·JSD; the DPO stats are reported whatever the weights."""
     import torch
 
     res = policy_forward(model, features, pad_id, device, positions, temperature, consistency=weight > 0)
     ref_c = torch.tensor([f["ref_chosen"] for f in features], device=res["chosen"].device, dtype=res["chosen"].dtype)
     ref_r = torch.tensor([f["ref_rejected"] for f in features], device=ref_c.device, dtype=ref_c.dtype)
     losses, rc, rr = dpo_sigmoid_loss(res["chosen"], res["rejected"], ref_c, ref_r, beta)
-    loss = losses.mean()
+    loss = dpo_weight * losses.mean()
+    if bc_weight > 0:
+        loss = loss + bc_weight * res["chosen_nll"].mean()
     cons_sum, cons_rows = 0.0, 0
     if res["cons"] is not None:
         loss = loss + weight * res["cons"].mean()
@@ -133,6 +146,7 @@ def dpo_loss(model, features: list[dict[str, Any]], pad_id: int, device, *, beta
         "pairs": float(len(features)), "dpo_loss_sum": float(losses.detach().sum()), "margin_sum": float(margin.sum()),
         "acc_sum": float((margin > 0).float().sum()), "chosen_reward_sum": float(rc.detach().sum()),
         "rejected_reward_sum": float(rr.detach().sum()), "cons_sum": cons_sum, "cons_rows": float(cons_rows),
+        "bc_nll_sum": float(res["chosen_nll"].detach().sum()), "objective_sum": float(loss.detach()) * len(features),
         "tokens": float(res["tokens"]),
     }
     return loss, stats
@@ -141,12 +155,15 @@ def dpo_loss(model, features: list[dict[str, Any]], pad_id: int, device, *, beta
 # ----------------------------------------------------------------------------------------- in the loop
 class DPOObjective:
     name = "dpo"
+    best_metric = ("val_objective", "min")  # the saved model is the epoch with the lowest total loss on val pairs
 
     def __init__(self, config: dict[str, Any]):
         self.config = config
         self.max_tokens = int(config["max_tokens"])
         self.beta = float(config["beta"])
         self.weight = float(config["consistency_weight"])
+        self.bc_weight = float(config.get("bc_weight", 0.0))
+        self.dpo_weight = float(config.get("dpo_weight", 1.0))
         self.positions = int(config["consistency_positions"])
         self.temperature = float(config["consistency_temperature"])
         self.extra_metrics: dict[str, Any] = {}
@@ -190,7 +207,8 @@ class DPOObjective:
 
     def loss(self, model, features, ctx):
         return dpo_loss(model, features, ctx.pad_id, ctx.device, beta=self.beta, weight=self.weight,
-                        positions=self.positions, temperature=self.temperature)
+                        positions=self.positions, temperature=self.temperature, bc_weight=self.bc_weight,
+                        dpo_weight=self.dpo_weight)
 
     def eval_stats(self, model, features, weights, ctx) -> dict[str, float]:
         import torch
@@ -215,6 +233,8 @@ class DPOObjective:
             "chosen_reward": sums.get("chosen_reward_sum", 0.0) / n,
             "rejected_reward": sums.get("rejected_reward_sum", 0.0) / n,
             "consistency": sums.get("cons_sum", 0.0) / max(1.0, sums.get("cons_rows", 0.0)),
+            "bc_nll": sums.get("bc_nll_sum", 0.0) / n,
+            "objective": sums.get("objective_sum", 0.0) / n,  # the weighted total that is minimised
         }
         if "tokens" in sums:
             out["tokens"] = sums["tokens"]
@@ -222,7 +242,8 @@ class DPOObjective:
 
 
 # ----------------------------------------------------------------------------------------- the stage
-def dpo_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[Path]]:
+def dpo_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Path]]:
+    """(train pairs, validation pairs from val games, the pair files)."""
     from r2v.data import ShardStore
     from r2v.experiment import Experiment
     from r2v.policies.prompts import completion
@@ -231,16 +252,17 @@ def dpo_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[Path]]:
     files = store.files()
     if not files:
         raise R2VError(f"no preference pairs under {store.root}: run `r2v build-pairs` first")
-    out = []
-    for row in store.read(["prompt", "chosen", "rejected", "peer_prompt"]).to_pylist():
+    train, val = [], []
+    for row in store.read(["prompt", "chosen", "rejected", "peer_prompt", "split"]).to_pylist():
         chosen, rejected = (row["chosen"] or "").strip(), (row["rejected"] or "").strip()
         if not chosen or not rejected or chosen == rejected:
             continue
-        out.append({"prompt": row["prompt"], "chosen": completion(chosen), "rejected": completion(rejected),
-                    "peer_prompt": row["peer_prompt"] or None})
-    if not out:
-        raise R2VError(f"the pairs under {store.root} hold no usable (chosen != rejected) pair")
-    return out, files
+        (val if row["split"] == "val" else train).append(
+            {"prompt": row["prompt"], "chosen": completion(chosen), "rejected": completion(rejected),
+             "peer_prompt": row["peer_prompt"] or None})
+    if not train:
+        raise R2VError(f"the pairs under {store.root} hold no usable (chosen != rejected) training pair")
+    return train, val, files
 
 
 def run_train_dpo(cfg: R2VConfig) -> dict[str, Any]:
@@ -248,16 +270,17 @@ def run_train_dpo(cfg: R2VConfig) -> dict[str, Any]:
     from r2v.experiment import Experiment
     from r2v.train.common import fit
 
-    pairs, files = dpo_examples(cfg)
+    pairs, val_pairs, files = dpo_examples(cfg)
     exp = Experiment(cfg)
     bc_dir = exp.model("bc")
     if not (bc_dir / "config.json").is_file():
         raise R2VError(f"{bc_dir} is not a Hugging Face model directory: run `r2v train-bc` first")
     d = cfg.dpo
     extra = {"beta": d.beta, "consistency_weight": d.consistency_weight, "consistency_positions": d.consistency_positions,
-             "consistency_temperature": d.consistency_temperature, "ref_path": str(bc_dir.resolve())}
+             "consistency_temperature": d.consistency_temperature, "bc_weight": d.bc_weight,
+             "dpo_weight": d.dpo_weight, "ref_path": str(bc_dir.resolve())}
     summary = fit(cfg, kind="dpo", objective_cls=DPOObjective, train=d.train, model_path=str(bc_dir),
-                  out_dir=exp.model("dpo"), train_examples=pairs, val_examples=[],
+                  out_dir=exp.model("dpo"), train_examples=pairs, val_examples=val_pairs,
                   extra=extra, data_files=files)
     summary["pairs_with_peer"] = sum(1 for p in pairs if p["peer_prompt"])
     if summary.get("final_margin") is not None and not math.isfinite(summary["final_margin"]):

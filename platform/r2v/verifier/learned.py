@@ -206,16 +206,20 @@ def _candidate_set(row: dict[str, Any], episode_actions: list[str]) -> tuple[lis
 
 
 def read_step_rows(cfg: "R2VConfig") -> list[dict[str, Any]]:
-    """Every step row under rollouts/<policy>/ (all policies present)."""
+    """The step rows the verifier learns from: the products of its upstream stages only, the teacher's
+    episodes (collect-teacher) and BC's probes under perturbations (build-pairs). Never the rest of
+    rollouts/ (later stages' episodes, `.stale-*` folders made from other inputs): the verifier must not
+    depend on what earlier runs left behind."""
     from r2v.data import ShardStore
 
-    root = Experiment(cfg).rollouts_dir
-    dirs = sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []
+    exp = Experiment(cfg)
+    dirs = [exp.rollouts("teacher"), exp.pair_probes]
     rows: list[dict[str, Any]] = []
     for d in dirs:
-        rows.extend(ShardStore(d, "steps").read_pandas().to_dict("records"))
+        if d.is_dir():
+            rows.extend(ShardStore(d, "steps").read_pandas().to_dict("records"))
     if not rows:
-        raise R2VError(f"no step shards under {root}/*/: run `r2v collect-teacher` (or `r2v collect`) first")
+        raise R2VError(f"no step shards under {dirs[0]} or {dirs[1]}: run `r2v collect-teacher` first")
     return rows
 
 
@@ -345,7 +349,7 @@ def evaluate_verifiers(cfg: "R2VConfig", split: str = "val", learned: LearnedVer
 
 
 def run_train_verifier(cfg: "R2VConfig") -> dict[str, Any]:
-    """Stage `train-verifier`: rollouts/*/ train rows -> models/verifier/ (model.pt + spec.json);
+    """Stage `train-verifier`: teacher and pair-probe train rows -> models/verifier/ (model.pt + spec.json);
     the summary holds held-out (val) AUROC of the rule and learned verifiers and the counts."""
     tasks = _tasks_for(cfg)
     rows = read_step_rows(cfg)

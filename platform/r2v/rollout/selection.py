@@ -1,0 +1,147 @@
+"""`select-policy`: which trained SLM (BC or DPO) the router, eval and Serve use, chosen by live play.
+
+DPO can leave the policy worse than its BC reference on unseen games (docs/architecture.md, "DPO, measured"),
+so the pipeline does not assume the later stage is the better one. Each candidate plays every *validation*
+game alone (router `slm_only`, no teacher, proposal = `policy.select`), clean under `selection.clean_seeds`
+and under the configured perturbations under `selection.seeds`; the candidate whose episodes the environment
+says won more often is deployed, a tie goes to BC (the simpler model, DPO's own reference). Test games are
+never played here. The decision and both candidates' numbers go to `models/selected.json`
+(`Experiment.selection_file`), which `r2v.experiment.deployed_policy_dir` reads.
+
+`play_slm_alone` is also what `bench.slm_quality` measures with.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from r2v.config import R2VConfig
+from r2v.envs.base import Task
+from r2v.errors import R2VError
+from r2v.experiment import Experiment, is_model_dir
+
+CANDIDATES = ("bc", "dpo")  # in order of preference on a tie: the simpler model first
+PERTURBATIONS = ("tool_flakiness", "partial_observability", "prompt_injection", "distractors")
+EPISODE_COLUMNS = ["task_id", "perturbation_seed", "episode_id", "episode_success"]
+N_BOOT = 1000  # resamples of the CIs shown beside the decision (the decision itself uses no CI)
+
+
+def condition_config(cfg: R2VConfig, condition: str) -> R2VConfig:
+    """`cfg` for one play condition: `perturbed` as configured, `clean` with every perturbation rate 0."""
+    if condition == "perturbed":
+        return cfg
+    if condition != "clean":
+        raise R2VError(f"unknown play condition {condition!r}: clean or perturbed")
+    clean = copy.deepcopy(cfg)
+    for name in PERTURBATIONS:
+        setattr(clean.env.perturbations, name, 0.0)
+    return clean
+
+
+def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[Task]], seeds: list[int],
+                   out_dir: str | Path, progress: bool = False):
+    """Play every task under every seed with the SLM at `model_dir` acting alone; one row per episode
+    (task_id, perturbation_seed, episode_id, episode_success). Episodes are shards under `out_dir` tied to
+    the model and config, so a re-run resumes and a retrained model starts afresh."""
+    import ray
+
+    from r2v.data import ShardStore
+    from r2v.policies.slm import start_slm_server
+    from r2v.ray_utils import init_ray
+    from r2v.rollout.engine import collect, plan_units
+    from r2v.rollout.router_rows import RoutedAgentFactory
+    from r2v.rollout.stage import collection_inputs
+    from r2v.router.baselines import make_router
+
+    init_ray(cfg)
+    model_dir = str(model_dir)
+    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
+    factory = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False, name="slm")
+    try:
+        collect(cfg, plan_units(tasks, list(seeds), 1, "slm"), factory, out_dir, progress=progress,
+                inputs=collection_inputs(cfg, ("env", "policy", "verifier", "model"), (model_dir,)))
+    finally:
+        ray.kill(server)
+    steps = ShardStore(out_dir, "steps").read_pandas(columns=EPISODE_COLUMNS)
+    ids = {t.task_id for split_tasks in tasks.values() for t in split_tasks}
+    steps = steps[steps["task_id"].isin(ids) & steps["perturbation_seed"].isin(list(seeds))]  # only what was asked
+    return steps.groupby("episode_id", as_index=False).first()
+
+
+def outcome(episodes, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
+    """Wins, episodes, success and its 95% CI by cluster bootstrap over games, of one set of episodes."""
+    from r2v.eval.metrics import success_with_ci
+
+    wins = int(episodes["episode_success"].astype(bool).sum())
+    n = int(len(episodes))
+    if n == 0:
+        return {"wins": 0, "episodes": 0, "games": 0, "success": None, "success_ci": None}
+    success, ci = success_with_ci(episodes["episode_success"].astype(float).to_numpy(), n_boot, seed,
+                                  games=episodes["task_id"].to_numpy())
+    return {"wins": wins, "episodes": n, "games": int(episodes["task_id"].nunique()), "success": success,
+            "success_ci": ci}
+
+
+def choose(results: dict[str, dict[str, Any]]) -> str:
+    """The candidate with the higher validation success over all its episodes (clean and perturbed pooled);
+    on a tie the first in CANDIDATES (BC)."""
+    if not results:
+        raise R2VError("select-policy: no candidate to choose from")
+    order = [c for c in CANDIDATES if c in results] + sorted(set(results) - set(CANDIDATES))
+    rate = {c: results[c]["wins"] / max(1, results[c]["episodes"]) for c in order}
+    return max(order, key=lambda c: (rate[c], -order.index(c)))
+
+
+def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
+    """Pipeline stage `select-policy`: models/bc and models/dpo play the validation games -> models/selected.json."""
+    import pandas as pd
+
+    from r2v.data.shards import fingerprint_dir
+    from r2v.rollout.stage import tasks_by_split
+
+    exp = Experiment(cfg)
+    candidates = [c for c in CANDIDATES if is_model_dir(exp.model(c))]
+    if not candidates:
+        raise R2VError(f"no trained SLM under {exp.models_dir} (bc, dpo): run `r2v train-bc` first")
+    tasks = tasks_by_split(cfg, ["val"])
+    if not tasks["val"]:
+        raise R2VError(f"{exp.splits_file} has no validation games to select the SLM on: give `env.split_fractions` "
+                       "a non-zero val share and re-run `r2v tasks`")
+    plays = {"clean": list(cfg.selection.clean_seeds), "perturbed": list(cfg.selection.seeds)}
+    results: dict[str, dict[str, Any]] = {}
+    for stage in candidates:
+        per: dict[str, Any] = {}
+        episodes = []
+        for condition, seeds in plays.items():
+            if not seeds:
+                continue
+            ep = play_slm_alone(condition_config(cfg, condition), exp.model(stage), tasks, seeds,
+                                exp.selection_rollouts(stage, condition))
+            per[condition] = outcome(ep, seed=cfg.seed)
+            episodes.append(ep)
+        total = outcome(pd.concat(episodes), seed=cfg.seed)
+        results[stage] = {**total, **per, "model_dir": str(exp.model(stage)),
+                          "fingerprint": fingerprint_dir(exp.model(stage))}
+    selected = choose(results)
+    doc = {"selected": selected, "model_dir": str(exp.model(selected)), "split": "val",
+           "games": len(tasks["val"]), "seeds": plays["perturbed"], "clean_seeds": plays["clean"],
+           "rule": "higher validation success, SLM alone, clean and perturbed episodes pooled; tie -> bc",
+           "candidates": results}
+    path = exp.selection_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(path)
+    summary: dict[str, Any] = {"selected": selected, "val_games": len(tasks["val"])}
+    for stage, r in results.items():
+        summary[f"{stage}_success"] = r["success"]
+        for condition in plays:
+            if condition in r:
+                summary[f"{stage}_{condition}_success"] = r[condition]["success"]
+        summary[f"{stage}_episodes"] = r["episodes"]
+    return summary
+
+
+__all__ = ["run_select_policy", "play_slm_alone", "choose", "outcome", "condition_config", "CANDIDATES"]

@@ -1,0 +1,117 @@
+"""select-policy: the deployed SLM is the candidate that wins more validation episodes, as the env reports them;
+ties go to BC; the decision file drives `deployed_policy_dir`; play is resumable and never touches test games."""
+import copy
+import json
+
+import pytest
+
+from r2v.config import R2VConfig, TinyModelConfig
+from r2v.data import ShardStore
+from r2v.experiment import Experiment
+from r2v.rollout import selection
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def cfg(tw_cfg, tmp_path):
+    from r2v.envs.stage import run_tasks
+
+    c = R2VConfig(experiment="sel", runs_dir=str(tmp_path))
+    c.env = copy.deepcopy(tw_cfg)
+    c.env.max_steps = 8  # the oracle wins these games in a few steps, random play rarely within 8
+    c.env.split_fractions = [0.25, 0.5, 0.25]  # 4 of the 8 games are validation games
+    c.env.perturbations.tool_flakiness = 0.2
+    c.collect.num_workers, c.collect.cpus_per_worker = 2, 0.5
+    c.selection.seeds, c.selection.clean_seeds = [0, 1], [0]
+    c.tracking.enabled = False
+    run_tasks(c)
+    return c
+
+
+def _fake_model(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+
+
+def test_choose_prefers_more_wins_and_bc_on_a_tie():
+    assert selection.choose({"bc": {"wins": 3, "episodes": 10}, "dpo": {"wins": 4, "episodes": 10}}) == "dpo"
+    assert selection.choose({"dpo": {"wins": 4, "episodes": 10}, "bc": {"wins": 4, "episodes": 10}}) == "bc"
+    assert selection.choose({"dpo": {"wins": 0, "episodes": 10}}) == "dpo"
+
+
+@pytest.mark.parametrize("winner", ["dpo", "bc"])
+def test_selection_deploys_the_candidate_the_env_says_wins_more(ray_local, cfg, monkeypatch, winner):
+    """Stand-ins for the two SLMs that differ for sure: the oracle teacher plays the `winner`'s directory,
+    uniformly random admissible actions the other's. What is chosen must follow the env's reported wins."""
+    from r2v.policies.teachers import TeacherAgent, make_teacher
+    from r2v.rollout.engine import collect, plan_units
+
+    exp = Experiment(cfg)
+    for stage in ("bc", "dpo"):
+        _fake_model(exp.model(stage))
+    played = []
+
+    def play(cfg_, model_dir, tasks, seeds, out_dir, progress=False):
+        played.append((model_dir.name, sorted(tasks), list(seeds), cfg_.env.perturbations.tool_flakiness))
+        eps = 0.0 if model_dir.name == winner else 1.0
+        collect(cfg_, plan_units(tasks, list(seeds), 1, "slm"), lambda c: TeacherAgent(make_teacher(c), eps),
+                out_dir, progress=False)
+        return ShardStore(out_dir, "steps").read_pandas(columns=selection.EPISODE_COLUMNS).groupby(
+            "episode_id", as_index=False).first()
+
+    monkeypatch.setattr(selection, "play_slm_alone", play)
+    summary = selection.run_select_policy(cfg)
+
+    assert {p[1] == ["val"] for p in played} == {True}  # validation games only, never test
+    assert sorted((name, seeds, rate) for name, _, seeds, rate in played) == [
+        ("bc", [0], 0.0), ("bc", [0, 1], 0.2), ("dpo", [0], 0.0), ("dpo", [0, 1], 0.2)]  # clean, then perturbed
+    doc = json.loads(exp.selection_file.read_text())
+    n_val = len(json.loads(exp.splits_file.read_text())["splits"]["val"])
+    for stage in ("bc", "dpo"):  # every number is what the env reported in the episodes' shards
+        wins = 0
+        for condition in ("clean", "perturbed"):
+            ep = ShardStore(exp.selection_rollouts(stage, condition), "steps").read_pandas()
+            ep = ep.groupby("episode_id")["episode_success"].first()
+            r = doc["candidates"][stage][condition]
+            assert r["episodes"] == len(ep) == n_val * (1 if condition == "clean" else 2)
+            assert r["wins"] == int(ep.sum()) and r["games"] == n_val
+            assert r["success_ci"][0] <= r["success"] <= r["success_ci"][1]
+            wins += r["wins"]
+        assert doc["candidates"][stage]["wins"] == wins and doc["candidates"][stage]["episodes"] == 3 * n_val
+    loser = "bc" if winner == "dpo" else "dpo"
+    assert doc["candidates"][winner]["success"] > doc["candidates"][loser]["success"]  # the stand-ins differ
+    assert doc["selected"] == summary["selected"] == winner
+    assert summary[f"{winner}_success"] == doc["candidates"][winner]["success"]
+    assert exp.deployed_policy_dir() == exp.model(winner)
+
+
+def test_play_slm_alone_plays_every_unit_once_and_resumes(ray_local, cfg, tw_tasks, tmp_path):
+    """The real path (SLM server, slm_only routed agent) with an untrained tiny model: one episode per (val
+    game, seed), and a second call plays nothing new."""
+    from r2v.policies.init_model import save_tiny_model
+    from r2v.rollout.stage import tasks_by_split
+
+    model = tmp_path / "tiny"
+    texts = [t.goal + " go north go south take key open door" for t in tw_tasks] * 4
+    save_tiny_model(texts, TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                           vocab_size=300), model, max_positions=512)
+    tasks = tasks_by_split(cfg, ["val"])
+    out = tmp_path / "episodes"
+    ep = selection.play_slm_alone(cfg, model, tasks, [0, 1], out)
+    assert len(ep) == 2 * len(tasks["val"]) and set(ep["task_id"]) == {t.task_id for t in tasks["val"]}
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    again = selection.play_slm_alone(cfg, model, tasks, [0], out)  # a subset: read back, nothing replayed
+    assert len(again) == len(tasks["val"]) and set(again["perturbation_seed"]) == {0}
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == stamps
+    r = selection.outcome(ep, 200)
+    assert r["episodes"] == len(ep) and r["wins"] == int(ep["episode_success"].sum())
