@@ -11,6 +11,17 @@ import pytest
 collect_ignore = ["data"]
 
 
+# ----------------------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray for one test module (each module that asks for it gets its own, shut down after)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
 # ----------------------------------------------------------------------------------------- TextWorld
 TW_LEVELS = [1, 2, 3, 4]
 TW_GAMES_PER_LEVEL = 2  # 8 small treasure-hunter games, ~0.6 s each to generate

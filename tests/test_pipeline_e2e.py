@@ -23,15 +23,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_cfg):
     cfg = load_config("conf/quickstart.yaml", TINY + [f"runs_dir={tmp_path}",
                                                       f"env.textworld.cache_dir={tmp_path}/cache"])

@@ -14,15 +14,6 @@ from r2v.rollout.stage import teacher_agent
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture
 def cfg(tw_cfg, tmp_path):
     c = R2VConfig(experiment="rollout", runs_dir=str(tmp_path))

@@ -13,15 +13,6 @@ from r2v.rollout import selection
 pytestmark = pytest.mark.ray
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.fixture
 def cfg(tw_cfg, tmp_path):
     from r2v.envs.stage import run_tasks

@@ -165,15 +165,6 @@ EPOCHS = 6
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def swept(ray_local, tmp_path_factory):
     """One sweep of 8 trials that is interrupted (the driver gets the signal Ctrl+C sends once 3 trials have
     finished; Tune saves its state and stops) and in which one trial crashes once at epoch 3; then the

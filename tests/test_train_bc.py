@@ -14,15 +14,6 @@ ACTIONS = ["go north", "go south", "take key", "open door", "eat apple", "look"]
 ROOMS = ["kitchen", "cellar", "garden", "attic", "hall", "study"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
 def step_row(i: int, room: str, action: str, split: str, actor: str = "teacher") -> dict:
     return {
         "experiment": "bc", "env": "toy", "task_id": f"t{i}", "split": split, "episode_id": f"e{i}-{split}",

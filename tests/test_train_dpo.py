@@ -136,15 +136,6 @@ def test_reference_logps_constant_and_dpo_loss_and_margin_improve(tiny_model):
 
 
 # ----------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield ray
-    ray.shutdown()
-
-
 def make_cfg(tmp_path, tiny_model, zero_stage: int) -> R2VConfig:
     cfg = R2VConfig(experiment="dpo", runs_dir=str(tmp_path))
     cfg.tracking.enabled = False
