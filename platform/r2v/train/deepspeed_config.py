@@ -3,6 +3,7 @@
 * `train_ds_config` — a model that is optimised: ZeRO stage from config, AdamW from torch (`torch_adam`, so
   no CPUAdam/FusedAdam op is compiled on a CPU box), bf16 on GPUs, fp32 on CPU, gradient clipping, and
   `stage3_gather_16bit_weights_on_model_save` so ZeRO-3 weights can be consolidated into a servable HF dir.
+* `trl_ds_config` — the same ZeRO section for an HF/TRL trainer, batch and optimiser values "auto".
 * `eval_ds_config` — a frozen model used only for forward passes (DPO's reference): no optimizer, ZeRO-3
   parameter partitioning when training uses ZeRO-3 (so a large reference is sharded like the policy),
   stage 0 otherwise (ZeRO-1/2 only shard optimizer state and gradients, which a frozen model has none of).
@@ -97,4 +98,20 @@ def eval_ds_config(*, zero_stage: int, micro_batch_size: int, world_size: int, b
     }
 
 
-__all__ = ["train_ds_config", "eval_ds_config"]
+def trl_ds_config(zero_stage: int) -> dict[str, Any]:
+    """DeepSpeed config for an HF/TRL trainer: ZeRO from config, every batch/optimiser value "auto" (filled from
+    `SFTConfig`: a concrete value that disagrees with it is an error); the trainer builds AdamW and the
+    linear warm-up/decay schedule and hands them to DeepSpeed."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "zero_optimization": _zero_section(zero_stage, offload=False),
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": "auto"},
+        "steps_per_print": 10**9,
+    }
+
+
+__all__ = ["train_ds_config", "eval_ds_config", "trl_ds_config"]

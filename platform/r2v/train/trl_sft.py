@@ -26,25 +26,9 @@ from r2v.train.common import (
     HF_SUBDIR, STATE_FILE, WorkerContext, epoch_line, gather_state_dict, init_deepspeed_distributed, load_model,
     rank_partition, save_hf, setup_accelerator_env, validate,
 )
-from r2v.train.deepspeed_config import _zero_section
+from r2v.train.deepspeed_config import trl_ds_config
 
 HISTORY_KEY = "r2v_epoch"  # our per-epoch rows live in the HF trainer state's log_history (restored on resume)
-
-
-def trl_ds_config(zero_stage: int) -> dict[str, Any]:
-    """DeepSpeed config for an HF/TRL trainer: ZeRO from config, every batch/optimiser value "auto" (filled from
-    `SFTConfig`: a concrete value that disagrees with it is an error); the trainer builds AdamW and the
-    linear warm-up/decay schedule and hands them to DeepSpeed."""
-    return {
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "train_batch_size": "auto",
-        "gradient_clipping": "auto",
-        "zero_optimization": _zero_section(zero_stage, offload=False),
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": "auto"},
-        "steps_per_print": 10**9,
-    }
 
 
 def tokenized_dataset(table, tokenizer, history_steps: int, max_tokens: int, chars: dict[str, int]):
@@ -178,4 +162,4 @@ def sft_worker(config: dict[str, Any]) -> None:
                          checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
-__all__ = ["sft_worker", "tokenized_dataset", "trl_ds_config"]
+__all__ = ["sft_worker", "tokenized_dataset"]
