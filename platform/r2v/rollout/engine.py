@@ -47,15 +47,9 @@ class EnvWorker:
     """Owns one environment and the agents of the units it plays (built once per policy, in the worker);
     plays units and writes their shards."""
 
-    def __init__(self, packed: list):
-        """`packed`: [ObjectRef of (cfg, factories, out_dir)]. Nested in a list, the reference travels inline:
-        Ray keeps the object alive with the actor (restarts included) and does not log an error per worker
-        about restartable actors whose constructor arguments live in the object store."""
-        import ray
-
+    def __init__(self, cfg: R2VConfig, factories: dict[str, AgentFactory], out_dir: str):
         from r2v.envs.registry import make_env
 
-        cfg, factories, out_dir = ray.get(packed[0])
         self.cfg = cfg
         self.env = make_env(cfg.env)
         self.factories = factories
@@ -161,8 +155,7 @@ def collect(cfg: R2VConfig, units: list[Unit], agents: AgentFactory | dict[str, 
         max_task_retries=cfg.collect.max_task_retries,
     )
     n_workers = fit_workers(cfg.collect.num_workers, cfg.collect.cpus_per_worker, len(todo))
-    packed = [ray.put((cfg, factories, str(out_dir)))]
-    workers = [actor_cls.remote(packed) for _ in range(n_workers)]
+    workers = [actor_cls.remote(cfg, factories, str(out_dir)) for _ in range(n_workers)]
     ray.get([w.ready.remote() for w in workers])
     if on_started:
         on_started(workers)
