@@ -6,7 +6,9 @@
 Each bench runs in its own process (`python -m bench.<name> ... --out runs/bench/<name>.json`), so one
 bench's Ray instance or torch thread settings never leak into the next, and its table streams to this
 console. Benches that read a finished pipeline run (quickstart_stages, routing_quality) say how to produce
-it when it is missing (`make demo`). A bench that is skipped, fails, or lacks its inputs keeps the JSON of its
+it when it is missing (`make demo`); terminal_stages/terminal_routing and code_stages/code_routing are the same
+two benches on the terminal_quickstart and code_quickstart runs (`r2v run --config conf/<exp>.yaml`), left as
+"missing input" until that run's report/results.json exists. A bench that is skipped, fails, or lacks its inputs keeps the JSON of its
 last successful run in docs/results.md, marked as such with that file's date.
 
 docs/results.md is GENERATED: the machine (CPU model and cores, RAM, torch/ray versions, load average at the
@@ -43,10 +45,17 @@ class Bench:
     slow: bool = False
     reads_run: bool = False  # reads runs/<exp>/ of a finished pipeline instead of measuring
     quick_args: list[str] = field(default_factory=list)
+    module: str | None = None  # bench.<module> to run (and its renderer); None = `name`
+    exp: str | None = None  # a fixed experiment (another preset's run) instead of --exp; its section is filled
+                            # only once runs/<exp>/report/results.json exists
 
     @property
     def out(self) -> Path:
         return OUT_DIR / f"{self.name}.json"
+
+    @property
+    def bench_module(self) -> str:
+        return self.module or self.name
 
 
 BENCHES = [
@@ -56,12 +65,23 @@ BENCHES = [
     Bench("rank_scoring", "Rank scoring on a real-shape model: shared prefix vs full encoding",
           quick_args=["--repeats", "3"]),
     Bench("serve_latency", "Serving latency and throughput", slow=True,
-          quick_args=["--requests", "60", "--throughput-requests", "160", "--load", "400"]),
-    Bench("rollout_scaling", "Rollout scaling", slow=True, quick_args=["--games", "2", "--seeds", "2"]),
+          quick_args=["--requests", "60", "--throughput-requests", "160", "--load", "400", "--inprocess-requests", "32"]),
+    Bench("rollout_scaling", "Rollout scaling", slow=True,
+          quick_args=["--games", "2", "--seeds", "2", "--min-seconds", "15"]),
     Bench("slm_quality", "SLM quality by training stage (held-out games)", slow=True, quick_args=["--seeds", "2"]),
     Bench("router_labels", "Router labels and feature ablation (held-out steps)", reads_run=True),
     Bench("router_matrix", "Every router at matched live budgets (held-out games)", slow=True, reads_run=True),
 ]
+# The code and terminal quickstarts (conf/<exp>.yaml on procedurally generated tasks): the same two tables
+# read from their own runs, each in its own section
+for _exp, _env in (("terminal_quickstart", "Terminal"), ("code_quickstart", "Code")):
+    _short = _exp.split("_")[0]
+    BENCHES += [
+        Bench(f"{_short}_stages", f"{_env} quickstart stage times (`conf/{_exp}.yaml`)", reads_run=True,
+              module="quickstart_stages", exp=_exp),
+        Bench(f"{_short}_routing", f"{_env} quickstart routing quality (live, held-out tasks)", reads_run=True,
+              module="routing_quality", exp=_exp),
+    ]
 NAMES = [b.name for b in BENCHES]
 
 
@@ -117,8 +137,8 @@ def machine_info() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- running
 def run_bench(b: Bench, args: list[str], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", f"bench.{b.name}", *args, "--out", str(b.out)]
-    shown = " ".join(["python", "-m", f"bench.{b.name}", *map(shlex.quote, args)])
+    cmd = [sys.executable, "-m", f"bench.{b.bench_module}", *args, "--out", str(b.out)]
+    shown = " ".join(["python", "-m", f"bench.{b.bench_module}", *map(shlex.quote, args)])
     before = b.out.stat().st_mtime if b.out.exists() else None
     load = [round(x, 2) for x in os.getloadavg()]
     started_at = _now()
@@ -244,9 +264,10 @@ def render_routing_quality(d: dict[str, Any]) -> str:
         if c:
             md += (f"- matched cost (≤ R2V's call rate): best heuristic success {f(c['success'])} "
                    f"({c['method']}, {f(c['llm_call_rate'])} calls/step)\n")
-        if m.get("oracle_teacher"):
-            o = m["oracle_teacher"]
-            md += f"- oracle_teacher router: success {f(o['success'])} at {f(o['llm_call_rate'])} calls/step\n"
+        for ref in ("oracle_teacher", "hindsight"):
+            if m.get(ref):
+                o = m[ref]
+                md += f"- {ref} router: success {f(o['success'])} at {f(o['llm_call_rate'])} calls/step\n"
         md += "\nPoint estimates: compare the CIs above before calling a difference real.\n"
     fr = d.get("sweep_frontier")
     if fr:
@@ -305,7 +326,8 @@ def render_rank_scoring(d: dict[str, Any]) -> str:
 def render_serve_latency(d: dict[str, Any]) -> str:
     lat, tput, load = d["latency"], d["throughput_c16"], d["load"]
     inproc = d.get("slm_inprocess", {})
-    md = (f"SLM hidden size {d['model']['hidden_size']}, {d['model']['num_layers']} layers, CPU; Serve on 127.0.0.1 "
+    params = f"{d['model']['params'] / 1e6:.1f}M parameters, " if d["model"].get("params") else ""
+    md = (f"SLM {params}hidden size {d['model']['hidden_size']}, {d['model']['num_layers']} layers, CPU; Serve on 127.0.0.1 "
           "with fractional CPUs; entropy router with τ out of reach (measures SLM + verifier + router, no teacher).\n\n")
     rows = [
         ["/v1/act p50 / p99, routed, concurrency 1 (ms)", f"{f(lat['routed']['p50_ms'], 1)} / {f(lat['routed']['p99_ms'], 1)}", ""],
@@ -317,6 +339,7 @@ def render_serve_latency(d: dict[str, Any]) -> str:
         ["batching speed-up, routed", f"{f(tput['speedup_routed'], 2)}×", "≥ 3×"],
         ["SLM alone in-process req/s: batch 1 / batch 16",
          f"{f(inproc.get('batch1_rps'), 1)} / {f(inproc.get('batch16_rps'), 1)}", ""],
+        ["batching speed-up, SLM alone in-process", f"{f(inproc.get('speedup'), 2)}×", ""],
         [f"load: {load['requests']} routed req at c{load['concurrency']}: req/s", f(load["rps"], 1), ""],
         ["load: p50 / p99 (ms)", f"{f(load['p50_ms'], 1)} / {f(load['p99_ms'], 1)}", ""],
         ["load: errors", f(load["n_errors"]), "0"],
@@ -326,8 +349,11 @@ def render_serve_latency(d: dict[str, Any]) -> str:
 
 
 def render_rollout_scaling(d: dict[str, Any]) -> str:
+    slm = d.get("slm") or {}
+    model = f"a {slm['params'] / 1e6:.1f}M-parameter SLM" if slm.get("params") else "the SLM"
     md = (f"TextWorld levels {d.get('levels')}, {d.get('seeds')} perturbation seeds; the same episodes collected "
-          "with 1 and 2 env-worker actors (oracle teacher: env-bound; tiny SLM: one shared batched model actor).\n\n")
+          f"with 1 and 2 env-worker actors, re-collected for ≥ {d.get('min_seconds', '?')} s per point (oracle teacher: "
+          f"env-bound; {model}: SLM-bound, one shared actor batching every worker's steps).\n\n")
     body = [[r["policy"], r["workers"], r["episodes"], r["steps"], f(r["wall_s"], 2), f(r["steps_per_s"], 1)]
             for r in d["rows"]]
     md += table(["policy", "workers", "episodes", "steps", "wall s", "steps/s"], body)
@@ -436,7 +462,7 @@ def write_doc(path: Path, machine: dict[str, Any], runs: list[dict[str, Any]], c
             why = {"skipped": "skipped in this run", "failed": "failed in this run",
                    "missing input": "its inputs were missing in this run"}[r["status"]]
             md.append(f"_Not re-measured ({why}): numbers from `{b.out}` written {_mtime(b.out)} by an earlier "
-                      f"`python -m bench.{b.name}` (its machine and load were not recorded in this page)._\n")
+                      f"`python -m bench.{b.bench_module}` (its machine and load were not recorded in this page)._\n")
         if r["status"] == "failed" and r.get("tail"):
             md.append("Last lines of the failed run:\n\n```\n" + "\n".join(r["tail"][-8:]) + "\n```\n")
         if data is None:
@@ -445,7 +471,7 @@ def write_doc(path: Path, machine: dict[str, Any], runs: list[dict[str, Any]], c
             md.append(f"No numbers: {msg}.\n")
             continue
         try:
-            md.append(RENDER[b.name](data))
+            md.append(RENDER[b.bench_module](data))
         except (KeyError, TypeError, ValueError) as e:
             md.append(f"(cannot render `{b.out}`: {type(e).__name__}: {e}; see the JSON)\n")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -469,7 +495,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip", default="", help=f"comma-separated benches to skip ({', '.join(NAMES)}), or `slow`")
     ap.add_argument("--only", default="", help="comma-separated benches to run (default: all)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes for the measuring benches (a few minutes)")
-    ap.add_argument("--exp", default="quickstart", help="experiment read by quickstart_stages and routing_quality")
+    ap.add_argument("--exp", default="quickstart", help="experiment read by quickstart_stages and routing_quality "
+                    "(the terminal_*/code_* benches always read terminal_quickstart/code_quickstart)")
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--doc", default="docs/results.md")
     ap.add_argument("--no-doc", action="store_true", help="do not rewrite the results page")
@@ -489,7 +516,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append({"name": b.name, "status": "skipped", "command": None})
             print(f"\n=== {b.name}: skipped")
             continue
-        extra = ["--exp", args.exp, "--runs-dir", args.runs_dir] if b.reads_run else []
+        if b.exp is not None and not (Path(args.runs_dir) / b.exp / "report" / "results.json").is_file():
+            note = (f"no {Path(args.runs_dir) / b.exp / 'report' / 'results.json'}: run "
+                    f"`r2v run --config conf/{b.exp}.yaml` first")
+            runs.append({"name": b.name, "status": "missing input", "command": None, "note": note})
+            print(f"\n=== {b.name}: {note}")
+            continue
+        extra = ["--exp", b.exp or args.exp, "--runs-dir", args.runs_dir] if b.reads_run else []
         if args.quick:
             extra += b.quick_args
         runs.append(run_bench(b, extra, args.timeout))

@@ -31,7 +31,7 @@ from bench import MISSING_INPUT
 
 HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml; then r2v eval + r2v report)"
 HEURISTICS = ("random", "entropy", "heuristic", "verifier", "pre_execution", "steer")
-REFERENCES = ("slm_only", "llm_only", "oracle_teacher")
+REFERENCES = ("slm_only", "llm_only", "oracle_teacher", "hindsight")
 
 
 def kind_of(name: str) -> str:
@@ -43,6 +43,8 @@ def kind_of(name: str) -> str:
         return "heuristic router"
     if name == "oracle_teacher":
         return "oracle teacher (upper bound)"
+    if name == "hindsight":
+        return "hindsight oracle (upper bound)"
     if name in REFERENCES:
         return "reference"
     return "other"
@@ -112,9 +114,10 @@ def matched_success(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
                                             "llm_call_rate": _num(cheaper[name].get("llm_call_rate"))}
     else:
         out["best_heuristic_at_le_rate"] = None
-    if "oracle_teacher" in results:
-        out["oracle_teacher"] = {"success": _num(results["oracle_teacher"].get("success")),
-                                 "llm_call_rate": _num(results["oracle_teacher"].get("llm_call_rate"))}
+    for ref in ("oracle_teacher", "hindsight"):
+        if ref in results:
+            out[ref] = {"success": _num(results[ref].get("success")),
+                        "llm_call_rate": _num(results[ref].get("llm_call_rate"))}
     return out
 
 

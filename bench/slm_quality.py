@@ -43,24 +43,25 @@ def main(argv: list[str] | None = None) -> dict:
     base = load_config(args.config, ["tracking.enabled=false", *args.overrides])
     init_ray(base)
     tmp = Path(tempfile.mkdtemp(prefix="r2v-slmq-"))
-    seeds = {"clean": list(range(args.clean_seeds)), "perturbed": list(range(args.seeds))}
+    seeds = {c: s for c, s in (("clean", list(range(args.clean_seeds))), ("perturbed", list(range(args.seeds)))) if s}
     models = {}
     for item in args.models.split(","):
         name, _, path = item.partition("=")
         models[name] = Path(path) if path else Experiment(base).model(name)
     rows = []
-    for condition in ("clean", "perturbed"):
-        cfg = condition_config(base, condition)
-        tasks = tasks_by_split(cfg, [args.split])
-        for name, model_dir in models.items():
-            if not is_model_dir(model_dir):
-                print(f"[slm_quality] {model_dir} missing: run `make demo` first; skipped")
-                continue
-            ep = play_slm_alone(cfg, model_dir, tasks, seeds[condition], tmp / f"{name}-{condition}")
-            r = outcome(ep, cfg.eval.bootstrap_samples, cfg.seed)
+    tasks = tasks_by_split(base, [args.split])
+    for name, model_dir in models.items():
+        if not is_model_dir(model_dir):
+            print(f"[slm_quality] {model_dir} missing: run `make demo` first; skipped")
+            continue
+        episodes = play_slm_alone(base, model_dir, tasks, seeds, tmp / name)  # clean and perturbed, one pool
+        for condition in seeds:
+            r = outcome(episodes[episodes["condition"] == condition], base.eval.bootstrap_samples, base.seed)
             rows.append({"policy": f"slm:{name}", "perturbed": condition == "perturbed", "episodes": r["episodes"],
                          "games": r["games"], "success": round(r["success"], 3),
                          "success_ci": [round(x, 3) for x in r["success_ci"]]})
+    for condition in seeds:
+        cfg = condition_config(base, condition)
         n = len(tasks[args.split]) * len(seeds[condition])  # check_env cycles over the games, seed = pass index
         rnd = check_env(cfg, "random", n, perturbed=condition == "perturbed", split=args.split)
         _, ci = success_with_ci(rnd["episode_success"], cfg.eval.bootstrap_samples, cfg.seed, games=rnd["episode_task"])

@@ -6,9 +6,10 @@ SFTTrainer (`bc.trainer`), vs a plain single-process PyTorch loop.
 Same synthetic teacher steps, same tiny model (built from config, no download), same global batch
 (per-worker batch x workers for Ray; the whole global batch in one process for the plain loop), same
 epochs. "loop tok/s" counts the tokens (prompt + completion, no padding) of the training steps over the
-time spent in forward/backward/optimizer steps (for TRL: the epoch's wall time, its data loading and logging
+time spent in forward/backward/optimizer steps (for TRL: the epoch's wall time, its data loading and trainer hooks
 included, so the comparison is conservative for TRL); "end-to-end tok/s" divides by the whole wall time including
 Ray Train's worker start-up, DeepSpeed init, checkpoints and the final consolidated save.
+The Ray runs alternate the two trainers' order per repeat (an even --repeats cancels a linear drift in load).
 Writes runs/bench/train_throughput.json.
 """
 from __future__ import annotations
@@ -136,8 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
         plain_1t = plain_loop(model_dir, train, args.batch * args.workers, args.epochs, args.lr,
                               base.model.max_context_tokens)
         torch.set_num_threads(threads)
-        for trainer in ("r2v", "trl"):
-            for rep in range(args.repeats):
+        # own loop and TRL alternate (r2v trl, trl r2v, ...): on a shared box the load drifts within a run, and a
+        # fixed order hands that drift to one trainer (seen: TRL/own 1.51x and 0.59x in two runs of the same code)
+        for rep in range(args.repeats):
+            for trainer in ("r2v", "trl") if rep % 2 == 0 else ("trl", "r2v"):
                 cfg = R2VConfig(experiment=f"bench-{trainer}{rep}", runs_dir=tmp)  # a fresh run each time (no reuse)
                 Experiment(cfg).rollouts_dir.mkdir(parents=True, exist_ok=True)
                 os.symlink(Experiment(base).rollouts("teacher"), Experiment(cfg).rollouts("teacher"))

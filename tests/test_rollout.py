@@ -81,3 +81,14 @@ def test_killed_env_actor_loses_and_duplicates_nothing(ray_local, cfg, tw_tasks,
     assert summary["episodes_run"] == len(units)
     # the victim's units after the kill ran in a new process: it really died and came back
     assert set(summary["worker_pids"][0]) - {victim[0]}
+
+
+def test_of_units_drops_episodes_of_seeds_or_tasks_no_longer_planned():
+    """A collection folder keeps shards of an earlier config (e.g. more seeds); what is built from it must not."""
+    from r2v.envs.base import Task
+    from r2v.rollout.engine import of_units
+
+    units = plan_units({"val": [Task("a", "textworld"), Task("b", "textworld")]}, [1], 1, "slm")
+    df = pd.DataFrame({"task_id": ["a", "a", "b", "c"], "perturbation_seed": [1, 2, 1, 1], "step": [0, 0, 0, 0]})
+    kept = of_units(df, units)
+    assert list(zip(kept["task_id"], kept["perturbation_seed"])) == [("a", 1), ("b", 1)]

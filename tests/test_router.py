@@ -15,7 +15,7 @@ from r2v.envs.base import Observation, Task
 from r2v.errors import R2VError
 from r2v.eval.metrics import auroc, ece
 from r2v.policies.base import Candidate, Decision, StepContext
-from r2v.router.baselines import (ORACLE_KEY, ROUTERS, PreExecutionRouter, fit_gmm2, load_router, make_router,
+from r2v.router.baselines import (HINDSIGHT_KEY, ORACLE_KEY, ROUTERS, PreExecutionRouter, fit_gmm2, load_router, make_router,
                                   rows_from_matrix, save_router)
 from r2v.router.features import (FEATURE_INDEX, FEATURE_NAMES, FEATURE_VERSION, FeatureTracker, check_feature_rows,
                                  features_by_name)
@@ -437,7 +437,7 @@ def _feat(**kw):
 
 def test_registry_and_fixed_routers():
     assert set(ROUTERS) == {"r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier",
-                            "pre_execution", "steer", "oracle_teacher"}
+                            "pre_execution", "steer", "oracle_teacher", "hindsight"}
     with pytest.raises(R2VError, match="unknown router"):
         make_router("nope")
     with pytest.raises(R2VError, match="bad arguments"):
@@ -450,6 +450,11 @@ def test_registry_and_fixed_routers():
     with pytest.raises(R2VError, match=ORACLE_KEY):
         oracle.escalate(_feat())
     assert oracle.calibrate([_feat(**{ORACLE_KEY: 1.0}), _feat(**{ORACLE_KEY: 0.0})], 0.1) == (1.0, 0.5)
+    hindsight = make_router("hindsight")
+    assert hindsight.fixed and hindsight.needs_lookahead and not oracle.needs_lookahead
+    assert hindsight.escalate(_feat(**{HINDSIGHT_KEY: 1.0})) and not hindsight.escalate(_feat(**{HINDSIGHT_KEY: 0.0}))
+    with pytest.raises(R2VError, match="logged router rows cannot score it"):
+        hindsight.risks([_feat()])
 
 
 def test_rule_routers():

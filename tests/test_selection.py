@@ -52,27 +52,35 @@ def test_selection_deploys_the_candidate_the_env_says_wins_more(ray_local, cfg, 
         _fake_model(exp.model(stage))
     played = []
 
-    def play(cfg_, model_dir, tasks, seeds, out_dir, progress=False):
-        played.append((model_dir.name, sorted(tasks), list(seeds), cfg_.env.perturbations.tool_flakiness))
+    class StandIn:  # the winner's "SLM" is the oracle, the loser's plays uniformly random admissible actions
+        def __init__(self, eps, env_cfg):
+            self.eps, self.env_cfg = eps, env_cfg
+
+        def __call__(self, c):
+            return TeacherAgent(make_teacher(c), self.eps)
+
+    def play(cfg_, model_dir, tasks, plays, out_dir, progress=False):
+        played.append((model_dir.name, sorted(tasks), plays))
         eps = 0.0 if model_dir.name == winner else 1.0
-        collect(cfg_, plan_units(tasks, list(seeds), 1, "slm"), lambda c: TeacherAgent(make_teacher(c), eps),
-                out_dir, progress=False)
-        return ShardStore(out_dir, "steps").read_pandas(columns=selection.EPISODE_COLUMNS).groupby(
-            "episode_id", as_index=False).first()
+        factories = {f"slm-{c}": StandIn(eps, selection.condition_config(cfg_, c).env) for c in plays}
+        collect(cfg_, [u for c, seeds in plays.items() for u in plan_units(tasks, seeds, 1, f"slm-{c}")],
+                factories, out_dir, progress=False)
+        steps = ShardStore(out_dir, "steps").read_pandas()
+        return steps.groupby("episode_id", as_index=False).first().assign(condition=lambda d: d["policy"].str[4:])
 
     monkeypatch.setattr(selection, "play_slm_alone", play)
     summary = selection.run_select_policy(cfg)
 
     assert {p[1] == ["val"] for p in played} == {True}  # validation games only, never test
-    assert sorted((name, seeds, rate) for name, _, seeds, rate in played) == [
-        ("bc", [0], 0.0), ("bc", [0, 1], 0.2), ("dpo", [0], 0.0), ("dpo", [0, 1], 0.2)]  # clean, then perturbed
+    assert sorted((name, plays) for name, _, plays in played) == [
+        ("bc", {"clean": [0], "perturbed": [0, 1]}), ("dpo", {"clean": [0], "perturbed": [0, 1]})]
     doc = json.loads(exp.selection_file.read_text())
     n_val = len(json.loads(exp.splits_file.read_text())["splits"]["val"])
     for stage in ("bc", "dpo"):  # every number is what the env reported in the episodes' shards
         wins = 0
         for condition in ("clean", "perturbed"):
-            ep = ShardStore(exp.selection_rollouts(stage, condition), "steps").read_pandas()
-            ep = ep.groupby("episode_id")["episode_success"].first()
+            ep = ShardStore(exp.selection_rollouts(stage), "steps").read_pandas()
+            ep = ep[ep["policy"] == f"slm-{condition}"].groupby("episode_id")["episode_success"].first()
             r = doc["candidates"][stage][condition]
             assert r["episodes"] == len(ep) == n_val * (1 if condition == "clean" else 2)
             assert r["wins"] == int(ep.sum()) and r["games"] == n_val
@@ -98,11 +106,16 @@ def test_play_slm_alone_plays_every_unit_once_and_resumes(ray_local, cfg, tw_tas
                                            vocab_size=300), model, max_positions=512)
     tasks = tasks_by_split(cfg, ["val"])
     out = tmp_path / "episodes"
-    ep = selection.play_slm_alone(cfg, model, tasks, [0, 1], out)
-    assert len(ep) == 2 * len(tasks["val"]) and set(ep["task_id"]) == {t.task_id for t in tasks["val"]}
+    ep = selection.play_slm_alone(cfg, model, tasks, {"clean": [0], "perturbed": [0, 1]}, out)
+    n_val = len(tasks["val"])
+    assert len(ep) == 3 * n_val and set(ep["task_id"]) == {t.task_id for t in tasks["val"]}
+    assert ep.groupby("condition").size().to_dict() == {"clean": n_val, "perturbed": 2 * n_val}
+    steps = ShardStore(out, "steps").read_pandas()  # both conditions on one pool: each in its own env variant
+    hit = steps.groupby("policy")["perturbation"].apply(lambda p: sum(len(x) for x in p))
+    assert hit["slm-clean"] == 0 and hit["slm-perturbed"] > 0
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
-    again = selection.play_slm_alone(cfg, model, tasks, [0], out)  # a subset: read back, nothing replayed
-    assert len(again) == len(tasks["val"]) and set(again["perturbation_seed"]) == {0}
+    again = selection.play_slm_alone(cfg, model, tasks, {"perturbed": [0]}, out)  # a subset: nothing replayed
+    assert len(again) == n_val and set(again["perturbation_seed"]) == {0}
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == stamps
     r = selection.outcome(ep, 200)
     assert r["episodes"] == len(ep) and r["wins"] == int(ep["episode_success"].sum())

@@ -98,3 +98,72 @@ def test_shared_prefix_scores_equal_full_encoding(tiny_dir, monkeypatch):
     flat = lambda pairs: [x for pair in pairs for x in pair]  # noqa: E731
     assert flat(shared) == pytest.approx(flat(full), rel=1e-4, abs=1e-4)
     assert len({s for s, _ in shared}) == len(comps)  # distinct actions, distinct scores: nothing collapsed
+
+
+def test_length_buckets_sort_and_respect_the_budget():
+    from r2v.policies.slm import length_buckets
+
+    lengths, rows = [50, 10, 30, 10, 200, 40], [2, 1, 3, 1, 1, 2]
+    groups = length_buckets(lengths, rows, budget=120)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(flat)  # similar lengths batched together
+    for g in groups:
+        assert len(g) == 1 or sum(rows[i] for i in g) * max(lengths[i] for i in g) <= 120
+
+
+@pytest.mark.parametrize("budget", [None, 64])  # one bucket; many small buckets
+def test_batched_rank_equals_one_by_one(tiny_dir, tw_cfg, tw_tasks, monkeypatch, budget):
+    """One padded pass over many states (bucketed by length, prefixes right-padded, continuations over each
+    prefix's cache) gives the numbers of acting on each state alone."""
+    import r2v.policies.slm as slm
+
+    monkeypatch.setattr(slm, "BATCH_TOKENS", budget or slm.BATCH_TOKENS)
+    policy = SLMPolicy(tiny_dir, ModelConfig(max_context_tokens=256), PolicyConfig(mode="rank", num_candidates=8))
+    env = make_env(tw_cfg)
+    ctxs = contexts(tw_cfg, tw_tasks, 4)
+    ctxs.append(StepContext(tw_tasks[0], env.reset(tw_tasks[0], seed=1), [("go north", "x " * 40)] * 3, 3, 30))
+    batched = policy.act(ctxs)
+    for ctx, b in zip(ctxs, batched):
+        alone = policy.act([ctx])[0]
+        assert b.action == alone.action
+        assert [c.text for c in b.candidates] == [c.text for c in alone.candidates]
+        assert [(c.logprob, c.mean_logprob) for c in b.candidates] == [
+            (pytest.approx(c.logprob, abs=1e-4), pytest.approx(c.mean_logprob, abs=1e-4)) for c in alone.candidates]
+        assert b.entropy == pytest.approx(alone.entropy, abs=1e-4)
+
+
+def test_batched_action_scores_equal_full_encoding(tiny_dir):
+    """score_actions_many over prompts of different lengths and action counts = `score` one pair at a time."""
+    policy = SLMPolicy(tiny_dir, ModelConfig(max_context_tokens=256), PolicyConfig())
+    prompts = ["Goal: a\nAction:", "Goal: take the key\nRecent: go north | go south\nObservation: room 7, "
+               "a key is here and a long corridor leads east\nAction:", "Goal: b\nObservation: c\nAction:"]
+    comps = [[" go north", " look"], [" take key", " open the wooden chest with the key", " go east"], [" x"]]
+    batched = policy.score_actions_many(prompts, comps)
+    single = [[policy.score([p], [c])[0] for c in cs] for p, cs in zip(prompts, comps)]
+    flat = lambda rows: [x for row in rows for pair in row for x in pair]  # noqa: E731
+    assert flat(batched) == pytest.approx(flat(single), rel=1e-4, abs=1e-4)
+
+
+def test_greedy_generation_is_the_same_batched_or_alone(tiny_dir, tw_cfg, tw_tasks):
+    policy = SLMPolicy(tiny_dir, ModelConfig(max_context_tokens=256),
+                       PolicyConfig(mode="generate", temperature=0.0, num_candidates=2, max_new_tokens=6))
+    ctxs = contexts(tw_cfg, tw_tasks, 4)
+    batched = policy.act(ctxs)
+    for ctx, b in zip(ctxs, batched):
+        alone = policy.act([ctx])[0]
+        assert b.action == alone.action
+        assert b.candidates[0].logprob == pytest.approx(alone.candidates[0].logprob, abs=1e-4)
+
+
+def test_batcher_survives_a_caller_that_left(tiny_dir, tw_cfg, tw_tasks):
+    """A cancelled request (a Serve client that disconnected) is dropped, and the batcher keeps serving."""
+    from r2v.policies.slm import SLMBatcher
+
+    policy = SLMPolicy(tiny_dir, ModelConfig(max_context_tokens=256), PolicyConfig())
+    batcher = SLMBatcher(policy, max_wait_s=0.2)
+    ctxs = contexts(tw_cfg, tw_tasks, 2)
+    gone, kept = batcher.submit(ctxs)
+    assert gone.cancel()
+    assert kept.result(timeout=60).action
+    assert batcher.act(ctxs[1:])[0].action == kept.result().action

@@ -264,7 +264,8 @@ class VerifierConfig:
 @dataclass
 class RouterConfig:
     kind: str = "r2v"  # one of ROUTER_KINDS (r2v, the baselines, steer, oracle_teacher)
-    label: str = "branch"  # episode (episode failed) | step (action ≠ env reference action) | branch (counterfactual)
+    label: str = "branch"  # episode (episode failed) | step (action ≠ env reference action) | critical (step label
+    # in an episode the SLM loses) | branch (counterfactual)
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.2
     alpha: float = 0.2  # CVaR tail
@@ -317,7 +318,7 @@ class EvalConfig:
     methods: list[str] = field(
         default_factory=lambda: [
             "r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "pre_execution",
-            "oracle_teacher",
+            "oracle_teacher", "hindsight",
         ]
     )
     bootstrap_samples: int = 1000
@@ -344,8 +345,8 @@ class ServeConfig:
     fallback_router: str = "entropy"  # served when the r2v checkpoint is missing
     threshold: Optional[float] = None  # overrides the router's own threshold
     threshold_file: Optional[str] = None  # a sweep's best-<budget>.yaml (its router + τ) or a YAML with `threshold`
-    max_batch_size: int = 16  # SLM @serve.batch
-    batch_wait_timeout_s: float = 0.005
+    max_batch_size: int = 16  # the SLM deployment's batches (r2v.policies.slm.SLMBatcher)
+    batch_wait_timeout_s: float = 0.005  # how long a lone request waits for company
     speculative_verify: bool = True  # rank mode: verify every admissible action while the SLM runs (one hop less)
     max_sessions: int = 10000
     replica_retries: int = 4  # a call whose replica died is retried (back-off 0.1·2^i s), then answered 503
@@ -487,8 +488,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 # The vocabulary of every enumerated config value: checked at load (`validate`), imported by the code that
 # branches on it. ROUTER_KINDS is also the registry of r2v.router.baselines (a test keeps them equal).
 ROUTER_KINDS = ("r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "pre_execution", "steer",
-                "oracle_teacher")
-LABELS = ("episode", "step", "branch")
+                "oracle_teacher", "hindsight")
+LABELS = ("episode", "step", "critical", "branch")
 THRESHOLDS = ("budget", "bayes", "cvar")
 CALIBRATIONS = ("temperature", "platt")
 SPLITS = ("train", "val", "test")

@@ -122,9 +122,9 @@ class Experiment:
     def selection_file(self) -> Path:
         return self.models_dir / SELECTION_FILE
 
-    def selection_rollouts(self, stage: str, condition: str) -> Path:
-        """select-policy's validation episodes of one candidate (bc | dpo) under one condition (clean | perturbed)."""
-        return self.rollouts(f"select-{stage}-{condition}")
+    def selection_rollouts(self, stage: str) -> Path:
+        """select-policy's validation episodes of one candidate (bc | dpo), clean and perturbed (policy slm-<condition>)."""
+        return self.rollouts(f"select-{stage}")
 
     def deployed_policy_dir(self) -> Path:
         """The SLM later stages play and serve: select-policy's choice, else models/dpo, else models/bc, else

@@ -73,7 +73,7 @@ PAIRS_V2 = pa.schema(
     ]
 )
 
-ROUTER_ROWS_V2 = pa.schema(
+ROUTER_ROWS_V3 = pa.schema(
     [
         pa.field("experiment", pa.string(), nullable=False),
         pa.field("env", pa.string(), nullable=False),
@@ -89,6 +89,7 @@ ROUTER_ROWS_V2 = pa.schema(
         pa.field("slm_branch_success", pa.bool_()),
         pa.field("teacher_branch_success", pa.bool_()),
         pa.field("step_label", pa.bool_()),  # label (c): the SLM's action differs from the env's reference action
+        pa.field("critical_label", pa.bool_()),  # label (d): step_label in an episode the SLM goes on to lose
         pa.field("label_weight", pa.float32()),  # steps of its episode each sampled branch row stands for
         pa.field("schema_version", pa.int16(), nullable=False),
     ]
@@ -97,7 +98,7 @@ ROUTER_ROWS_V2 = pa.schema(
 SCHEMAS: dict[str, tuple[int, pa.Schema]] = {
     "steps": (1, STEPS_V1),
     "pairs": (2, PAIRS_V2),
-    "router_rows": (2, ROUTER_ROWS_V2),
+    "router_rows": (3, ROUTER_ROWS_V3),
 }
 
 

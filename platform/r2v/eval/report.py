@@ -179,7 +179,8 @@ def plot_frontier(results: dict[str, dict[str, Any]], path, sweep_frontier=None)
         ax.axhspan(t["success_ci"][0], t["success_ci"][1], color="k", alpha=0.05, lw=0)
     refs = {TEACHER: dict(marker="s", color="k", label="teacher (llm_only)"),
             SLM: dict(marker="v", color="0.35", label="SLM only"),
-            "oracle_teacher": dict(marker="D", color="goldenrod", label="oracle-teacher router")}
+            "oracle_teacher": dict(marker="D", color="goldenrod", label="oracle-teacher router"),
+            "hindsight": dict(marker="P", color="purple", label="hindsight oracle")}
     for name, r in results.items():
         if split_method(name)[1] is not None or not np.isfinite(r.get("success", np.nan)):
             continue

@@ -11,6 +11,7 @@ is ever upcast, and:
 * `hidden_logps(hidden, head, targets)` works from the final hidden states and the output head, so even
   the logits exist one chunk at a time (scoring; in training each chunk is checkpointed, its logits
   recomputed in the backward pass).
+* `row_logps(logits, rows, targets)` scores many targets against a few shared rows of logits.
 * `model_hidden(model, ...)` runs a causal LM's decoder without its head (falls back to logits).
 """
 from __future__ import annotations
@@ -94,6 +95,17 @@ def hidden_logps(hidden, head, targets, chunk_bytes: int | None = None):
     return out.reshape(shape)
 
 
+def row_logps(logits, rows, targets, chunk_bytes: int | None = None):
+    """log p(targets[i]) under softmax(logits[rows[i]]): many targets against few rows of logits (every
+    action's first token after its prompt) without repeating rows; the fp32 logsumexp is taken one chunk
+    of rows at a time. Scoring only (no custom backward)."""
+    import torch
+
+    n = _chunk_rows(logits.shape[-1], chunk_bytes)
+    lse = torch.cat([torch.logsumexp(logits[i : i + n].float(), dim=-1) for i in range(0, logits.shape[0], n)])
+    return logits[rows, targets].float() - lse[rows]
+
+
 def _head_vocab(head) -> int:
     weight = getattr(head, "weight", None)
     if weight is not None and weight.dim() == 2 and weight.numel() > 0:
@@ -125,4 +137,4 @@ def completion_logps(model, input_ids, attention_mask, target_pos, target_ids):
     return hidden_logps(hidden[target_pos], head, target_ids)
 
 
-__all__ = ["selective_logps", "hidden_logps", "completion_logps", "decoder_and_head", "CHUNK_BYTES"]
+__all__ = ["selective_logps", "hidden_logps", "row_logps", "completion_logps", "decoder_and_head", "CHUNK_BYTES"]

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Optional
 
 from r2v.envs.base import Env, Task
 from r2v.policies.base import Decision, StepContext
-from r2v.router.baselines import ORACLE_KEY, Router
+from r2v.router.baselines import HINDSIGHT_KEY, ORACLE_KEY, Router
 from r2v.router.features import FeatureTracker, features_by_name
 
 
@@ -133,29 +133,40 @@ def _call(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
 
 
 class RoutedAgent:
-    """One episode at a time: call `reset` at the start (run_episode does) and `observe` after each step."""
+    """One episode at a time: call `reset` at the start (run_episode does) and `observe` after each step.
+    `lookahead` (r2v.rollout.episode.Lookahead) is only for the hindsight router."""
 
     def __init__(self, slm, verifier, router: Router, teacher, select: str = "verifier",
-                 budget_per_episode: int | None = None, name: str | None = None):
+                 budget_per_episode: int | None = None, name: str | None = None, lookahead=None):
         self.slm, self.verifier, self.router, self.teacher = slm, verifier, router, teacher
         self.select = select
         self.budget = budget_per_episode
         self.name = name or f"routed:{router.name}"
+        self.lookahead = lookahead
+        if router.needs_lookahead and lookahead is None:
+            raise ValueError(f"router {router.name!r} needs a Lookahead (a private env to play branches in)")
         self.tracker = FeatureTracker()
         self.calls = 0
+        self.task: Task | None = None
+        self.executed: list[str] = []
 
     def reset(self, task: Task) -> None:
         self.tracker = FeatureTracker()
         self.router.reset()
         self.calls = 0
+        self.task, self.executed = task, []
 
     def observe(self, action: str, info: dict) -> None:
         self.tracker.update(action, info)
+        self.executed.append(action)
 
     def decide(self, ctx: StepContext, env: Env | None) -> Decision:
         def route_local(feats: dict[str, float], action: str) -> Route:
             if self.router.needs_oracle_action:
                 feats[ORACLE_KEY] = float(action != env.oracle_action())
+            if self.router.needs_lookahead:
+                feats[HINDSIGHT_KEY] = float(not self.lookahead.wins_from(ctx.task, ctx.seed, self.executed)
+                                             and self._teacher_would_change(ctx, env, action))
             return route(self.router, feats)
 
         calls = StepCalls(
@@ -168,6 +179,13 @@ class RoutedAgent:
         step = run_sync(routed_step(ctx, calls, self.tracker, self.select, budget_left))
         self.calls += int(step.llm_call)
         return step.decision
+
+    def _teacher_would_change(self, ctx: StepContext, env: Env | None, action: str) -> bool:
+        """Whether the teacher would act differently from the SLM here (the hindsight router spends no call
+        on a step the teacher would take the same way: it leads to the same state)."""
+        if self.teacher is None:
+            return True
+        return self.teacher.act(ctx, env).action != action
 
 
 __all__ = ["propose", "route", "Route", "StepCalls", "RoutedStep", "routed_step", "run_sync", "RoutedAgent"]

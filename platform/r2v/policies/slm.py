@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections import Counter
+from concurrent.futures import Future
 from pathlib import Path
 
 from r2v.config import ModelConfig, PolicyConfig, R2VConfig, resolve_device
@@ -70,18 +72,19 @@ class SLMPolicy:
         self.max_tokens = model_cfg.max_context_tokens
 
     # -- scoring --------------------------------------------------------------------------------------
-    def score(self, prompts: list[str], completions: list[str], batch_size: int = 64) -> list[tuple[float, float]]:
+    def score(self, prompts: list[str], completions: list[str]) -> list[tuple[float, float]]:
         """(summed, mean) log-prob of each completion (+eos) after its prompt: every (prompt, completion)
-        encoded in full, in padded batches (the reference for `score_actions`)."""
+        encoded in full, right-padded in length-sorted batches of <= BATCH_TOKENS (the reference for
+        `score_actions`)."""
         import torch
 
         from r2v.policies.logprobs import completion_logps
 
         encoded = [encode_pair(self.tokenizer, p, c, self.max_tokens) for p, c in zip(prompts, completions)]
-        out: list[tuple[float, float]] = []
+        out: dict[int, tuple[float, float]] = {}
         pad = self.tokenizer.pad_token_id
-        for i in range(0, len(encoded), batch_size):
-            chunk = encoded[i : i + batch_size]
+        for group in length_buckets([len(ids) for ids, _ in encoded], [1] * len(encoded)):
+            chunk = [encoded[i] for i in group]
             width = max(len(ids) for ids, _ in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -97,62 +100,102 @@ class SLMPolicy:
                                       (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device)),
                                       torch.tensor(targets, device=self.device)).cpu()
             start = 0
-            for seq, n_prompt in chunk:
+            for i, (seq, n_prompt) in zip(group, chunk):
                 part = lp[start : start + len(seq) - n_prompt]
                 start += len(seq) - n_prompt
-                out.append((float(part.sum()), float(part.mean())))
-        return out
+                out[i] = (float(part.sum()), float(part.mean()))
+        return [out[i] for i in range(len(encoded))]
 
     def score_actions(self, prompt: str, completions: list[str]) -> list[tuple[float, float]]:
-        """`score` for many completions of one prompt, sharing its prefix: the prompt is encoded once and every
-        completion continues from its KV cache in one batch (rank mode scores every admissible action).
-        Completions whose prompt tokens differ (cut differently to fit the context) go through `score`."""
+        """`score` for many completions of one prompt, sharing its prefix (see `score_actions_many`)."""
+        return self.score_actions_many([prompt], [completions])[0]
+
+    def score_actions_many(self, prompts: list[str], completions: list[list[str]]) -> list[list[tuple[float, float]]]:
+        """`score` for the completions of many prompts, each prompt encoded once: prompts are bucketed by token
+        length, every bucket's prompts go through one right-padded forward, then all their completions
+        continue from the prompts' KV caches in one batch (rank mode scores every admissible action of every
+        state of a batch this way). Completions whose prompt tokens differ (cut differently to fit the
+        context) go through `score`."""
         from r2v.policies.logprobs import decoder_and_head
 
         parts = decoder_and_head(self.model)
-        encoded = encode_pairs(self.tokenizer, prompt, completions, self.max_tokens)
-        if parts is None or len(encoded) < 2:
-            return self.score([prompt] * len(completions), completions)
-        prefix = encoded[0][0][: encoded[0][1]]
-        shared = [i for i, (ids, n) in enumerate(encoded) if ids[:n] == prefix]
-        rest = [i for i in range(len(encoded)) if i not in set(shared)]
-        out = dict(zip(rest, self.score([prompt] * len(rest), [completions[i] for i in rest]))) if rest else {}
-        out.update(zip(shared, self._continue(prefix, [encoded[i][0][len(prefix):] for i in shared], *parts)))
-        return [out[i] for i in range(len(encoded))]
+        out: list[dict[int, tuple[float, float]]] = [{} for _ in prompts]
+        full: list[tuple[int, int]] = []  # (prompt, completion) scored by full encoding
+        shared: list[tuple[int, list[int], list[int], list[list[int]]]] = []  # (prompt, prefix, which, conts)
+        for i, (prompt, comps) in enumerate(zip(prompts, completions)):
+            if not comps:
+                continue
+            encoded = encode_pairs(self.tokenizer, prompt, comps, self.max_tokens)
+            if parts is None:
+                full += [(i, j) for j in range(len(comps))]
+                continue
+            prefix = encoded[0][0][: encoded[0][1]]
+            which = [j for j, (ids, n) in enumerate(encoded) if ids[:n] == prefix]
+            full += [(i, j) for j in sorted(set(range(len(comps))) - set(which))]
+            shared.append((i, prefix, which, [encoded[j][0][len(prefix):] for j in which]))
+        if full:
+            scores = self.score([prompts[i] for i, _ in full], [completions[i][j] for i, j in full])
+            for (i, j), s in zip(full, scores):
+                out[i][j] = s
+        sizes = [len(prefix) + max(len(c) for c in conts) for _, prefix, _, conts in shared]
+        for group in length_buckets(sizes, [len(conts) for *_, conts in shared]):
+            items = [shared[g] for g in group]
+            scores = self._continue([(prefix, conts) for _, prefix, _, conts in items], *parts)
+            for (i, _, which, _), s in zip(items, scores):
+                out[i].update(zip(which, s))
+        return [[o[j] for j in range(len(c))] for o, c in zip(out, completions)]
 
-    def _continue(self, prefix: list[int], conts: list[list[int]], decoder, head) -> list[tuple[float, float]]:
-        """(summed, mean) log-prob of each continuation (>= 1 token each) after `prefix`: one forward of the
-        prefix, then every continuation right-padded in one batch over the prefix's cache repeated per row."""
+    def _continue(self, items: list[tuple[list[int], list[list[int]]]], decoder,
+                  head) -> list[list[tuple[float, float]]]:
+        """(summed, mean) log-prob of each continuation (>= 1 token each) after its prefix, for many
+        (prefix, continuations) items: one forward of the right-padded prefixes, then every continuation
+        of every item, right-padded, in one batch over its prefix's cache row. Position ids continue each
+        prefix from its own length and the mask hides the pads, so values equal one-by-one scoring."""
         import torch
 
-        from r2v.policies.logprobs import hidden_logps, selective_logps
+        from r2v.policies.logprobs import hidden_logps, row_logps
 
-        dev = self.device
+        dev, pad = self.device, self.tokenizer.pad_token_id
+        lens = torch.tensor([len(p) for p, _ in items])
+        width_p = int(lens.max())
+        ids = torch.full((len(items), width_p), pad, dtype=torch.long)
+        for i, (p, _) in enumerate(items):
+            ids[i, : len(p)] = torch.tensor(p)
+        mask = (torch.arange(width_p)[None, :] < lens[:, None]).long()
+        owner = torch.tensor([i for i, (_, conts) in enumerate(items) for _ in conts])
+        conts = [c for _, cs in items for c in cs]
         with torch.no_grad():
-            res = decoder(input_ids=torch.tensor([prefix], device=dev), use_cache=True)
-            last = head(res.last_hidden_state[0, -1:])  # one row of logits predicts every first token
-            lps = [[x] for x in selective_logps(last.expand(len(conts), -1),
-                                                torch.tensor([c[0] for c in conts], device=dev)).tolist()]
+            res = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
+            last = head(res.last_hidden_state[torch.arange(len(items), device=dev), (lens - 1).to(dev)])
+            # each prefix's last output predicts the first token of all of its continuations
+            firsts = torch.tensor([c[0] for c in conts], device=dev)
+            lps = [[x] for x in row_logps(last, owner.to(dev), firsts).tolist()]
             width = max(len(c) for c in conts) - 1
             if width > 0:
-                ids = torch.full((len(conts), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(conts), len(prefix) + width), dtype=torch.long)
-                mask[:, : len(prefix)] = 1
+                cont_ids = torch.full((len(conts), width), pad, dtype=torch.long)
+                cont_mask = torch.zeros((len(conts), width), dtype=torch.long)
                 rows, cols, targets = [], [], []
                 for k, c in enumerate(conts):
-                    ids[k, : len(c) - 1] = torch.tensor(c[:-1])
-                    mask[k, len(prefix) : len(prefix) + len(c) - 1] = 1
+                    cont_ids[k, : len(c) - 1] = torch.tensor(c[:-1])
+                    cont_mask[k, : len(c) - 1] = 1
                     rows += [k] * (len(c) - 1)
                     cols += range(len(c) - 1)  # the output at position t predicts token t + 1
                     targets += c[1:]
                 cache = res.cache
-                cache.batch_repeat_interleave(len(conts))
-                hidden = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), cache=cache,
-                                 use_cache=True).last_hidden_state
+                cache.batch_select_indices(owner.to(dev))  # one cache row per continuation
+                hidden = decoder(input_ids=cont_ids.to(dev),
+                                 attention_mask=torch.cat([mask[owner], cont_mask], 1).to(dev),
+                                 position_ids=(lens[owner][:, None] + torch.arange(width)[None, :]).to(dev),
+                                 cache=cache, use_cache=True).last_hidden_state
                 at = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
                 for k, x in zip(rows, hidden_logps(hidden[at], head, torch.tensor(targets, device=dev)).tolist()):
                     lps[k].append(x)
-        return [(sum(x), sum(x) / len(x)) for x in lps]
+        scores = [(sum(x), sum(x) / len(x)) for x in lps]
+        per, start = [], 0
+        for _, cs in items:
+            per.append(scores[start : start + len(cs)])
+            start += len(cs)
+        return per
 
     # -- acting ---------------------------------------------------------------------------------------
     def act(self, ctxs: list[StepContext]) -> list[Decision]:
@@ -169,11 +212,10 @@ class SLMPolicy:
         return render_prompt(ctx, self.cfg.history_steps, **prompt_chars(self.cfg))
 
     def rank(self, ctxs: list[StepContext]) -> list[Decision]:
-        per: list[list[Candidate]] = []
-        for ctx in ctxs:
-            actions = list(ctx.observation.admissible)
-            scores = self.score_actions(self.prompt(ctx), [completion(a) for a in actions])
-            per.append([Candidate(a, s, m) for a, (s, m) in zip(actions, scores)])
+        actions = [list(ctx.observation.admissible) for ctx in ctxs]
+        scores = self.score_actions_many([self.prompt(ctx) for ctx in ctxs],
+                                         [[completion(a) for a in acts] for acts in actions])
+        per = [[Candidate(a, s, m) for a, (s, m) in zip(acts, sc)] for acts, sc in zip(actions, scores)]
         decisions = []
         for ctx, cands in zip(ctxs, per):
             cands.sort(key=lambda c: c.logprob, reverse=True)
@@ -198,7 +240,7 @@ class SLMPolicy:
     def generate(self, ctxs: list[StepContext]) -> list[Decision]:
         import torch
 
-        k = self.cfg.num_candidates
+        k = self.cfg.num_candidates if self.cfg.temperature > 0 else 1  # greedy: K copies of one sequence
         prompts = [self.prompt(c) for c in ctxs]
         budget = max(8, self.max_tokens - self.cfg.max_new_tokens)
         enc = [encode_prompt(self.tokenizer, p, budget) for p in prompts]
@@ -206,26 +248,48 @@ class SLMPolicy:
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc], device=self.device)
         mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(e) for e in enc])[:, None]).long()
+        sampling = (dict(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p)
+                    if self.cfg.temperature > 0 else dict(do_sample=False))  # temperature 0: greedy
         with torch.no_grad():
             out = self.model.generate(
-                input_ids=ids, attention_mask=mask.to(self.device), do_sample=True,
-                temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens,
+                input_ids=ids, attention_mask=mask.to(self.device), **sampling, max_new_tokens=self.cfg.max_new_tokens,
                 num_return_sequences=k, pad_token_id=pad, eos_token_id=self.tokenizer.eos_token_id,
                 output_logits=True, return_dict_in_generate=True,
             )
         first = torch.log_softmax(out.logits[0].float(), dim=-1)  # raw (B*k, V); rows of one prompt are equal
         texts = self.tokenizer.batch_decode(out.sequences[:, width:], skip_special_tokens=True)
-        decisions = []
-        for i, ctx in enumerate(ctxs):
+        per = []
+        for i in range(len(ctxs)):
             actions = list(dict.fromkeys(a for a in (parse_action(t) for t in texts[i * k : (i + 1) * k]) if a))
-            if not actions:  # nothing parseable: an empty action, which ends the episode as the SLM's failure
-                actions = [""]
-            scores = self.score_actions(prompts[i], [completion(a) for a in actions])
+            per.append(actions or [""])  # nothing parseable: an empty action, the episode ends as the SLM's failure
+        all_scores = self.score_actions_many(prompts, [[completion(a) for a in acts] for acts in per])
+        decisions = []
+        for i, (actions, scores) in enumerate(zip(per, all_scores)):
             cands = sorted((Candidate(a, s, m) for a, (s, m) in zip(actions, scores)),
                            key=lambda c: c.logprob, reverse=True)
             ent = float(-(first[i * k].exp() * first[i * k]).sum())
             decisions.append(Decision(action=cands[0].text, actor="slm", candidates=cands, entropy=ent))
         return decisions
+
+
+BATCH_TOKENS = 16384  # padded tokens per scoring forward (prefix rows + every continuation's copy of its cache)
+
+
+def length_buckets(lengths: list[int], rows: list[int], budget: int | None = None) -> list[list[int]]:
+    """Indices of items grouped for padded batches: sorted by token length so a batch's rows are of similar
+    length (little padding), each group's padded size (its rows x its longest length) within `budget`
+    tokens; an item over budget goes alone."""
+    budget = budget or BATCH_TOKENS
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    n = longest = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if cur and (n + rows[i]) * max(longest, lengths[i]) > budget:
+            groups.append(cur)
+            cur, n, longest = [], 0, 0
+        cur.append(i)
+        n, longest = n + rows[i], max(longest, lengths[i])
+    return groups + [cur] if cur else groups
 
 
 def _entropy(logits: list[float]) -> float:
@@ -247,31 +311,29 @@ class SLMAgent:
         return self.policy.act([ctx])[0]
 
 
-class SLMServer:
-    """One model per GPU (per node on CPU) serving every env worker: calls from many workers are
-    collected into batches of up to `max_batch` (waiting at most `max_wait_s` for company). Run as a
-    threaded Ray actor (`max_concurrency` ≥ the number of workers)."""
+class SLMBatcher:
+    """Continuous batching over one SLMPolicy: callers' states queue up, and one model thread takes everything
+    queued (up to `max_batch`, after waiting at most `max_wait_s` for company) each time it is free, so the next
+    batch grows while the current one computes. (Serve's `@serve.batch` closes a batch after its wait and only
+    then queues it for the model, which under load leaves batches of one.)"""
 
-    def __init__(self, path: str, model_cfg: ModelConfig, policy_cfg: PolicyConfig,
-                 max_batch: int = 32, max_wait_s: float = 0.005):
-        self.policy = SLMPolicy(path, model_cfg, policy_cfg)
-        self.max_batch, self.max_wait_s = max_batch, max_wait_s
+    def __init__(self, policy: SLMPolicy, max_batch: int = 32, max_wait_s: float = 0.005):
+        self.policy, self.max_batch, self.max_wait_s = policy, max_batch, max_wait_s
         self._cv = threading.Condition()
-        self._queue: list[tuple[StepContext, dict]] = []
-        self.batches: list[int] = []
-        threading.Thread(target=self._loop, daemon=True).start()
+        self._queue: list[tuple[StepContext, Future]] = []
+        self.batch_sizes: Counter[int] = Counter()  # batch size -> how many batches
+        threading.Thread(target=self._loop, daemon=True, name="slm-batcher").start()
+
+    def submit(self, ctxs: list[StepContext]) -> list[Future]:
+        """One future per state (await them with `asyncio.wrap_future`, or `.result()`)."""
+        futures = [Future() for _ in ctxs]
+        with self._cv:
+            self._queue.extend(zip(ctxs, futures))
+            self._cv.notify()
+        return futures
 
     def act(self, ctxs: list[StepContext]) -> list[Decision]:
-        slots = [{"event": threading.Event()} for _ in ctxs]
-        with self._cv:
-            self._queue.extend(zip(ctxs, slots))
-            self._cv.notify()
-        for s in slots:
-            s["event"].wait()
-        for s in slots:
-            if "error" in s:
-                raise s["error"]
-        return [s["decision"] for s in slots]
+        return [f.result() for f in self.submit(ctxs)]
 
     def _loop(self) -> None:
         import time
@@ -284,18 +346,33 @@ class SLMServer:
                 while len(self._queue) < self.max_batch and time.monotonic() < deadline:
                     self._cv.wait(timeout=max(0.0, deadline - time.monotonic()))
                 batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-            self.batches.append(len(batch))
+            batch = [(c, f) for c, f in batch if f.set_running_or_notify_cancel()]  # drop callers that left
+            if not batch:
+                continue
+            self.batch_sizes[len(batch)] += 1
             try:
-                for (_, slot), d in zip(batch, self.policy.act([c for c, _ in batch])):
-                    slot["decision"] = d
+                decisions = self.policy.act([c for c, _ in batch])
             except Exception as e:  # every waiting caller gets the error, none hangs
-                for _, slot in batch:
-                    slot["error"] = e
-            for _, slot in batch:
-                slot["event"].set()
+                for _, f in batch:
+                    f.set_exception(e)
+                continue
+            for (_, f), d in zip(batch, decisions):
+                f.set_result(d)
 
-    def batch_sizes(self) -> list[int]:
-        return list(self.batches)
+
+class SLMServer:
+    """One model per GPU (per node on CPU) serving every env worker: calls from many workers are
+    batched by an SLMBatcher. Run as a threaded Ray actor (`max_concurrency` >= the number of workers)."""
+
+    def __init__(self, path: str, model_cfg: ModelConfig, policy_cfg: PolicyConfig,
+                 max_batch: int = 32, max_wait_s: float = 0.005):
+        self.batcher = SLMBatcher(SLMPolicy(path, model_cfg, policy_cfg), max_batch, max_wait_s)
+
+    def act(self, ctxs: list[StepContext]) -> list[Decision]:
+        return self.batcher.act(ctxs)
+
+    def batch_sizes(self) -> dict[int, int]:
+        return dict(self.batcher.batch_sizes)
 
 
 class RemoteSLM:

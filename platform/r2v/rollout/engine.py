@@ -54,6 +54,7 @@ class EnvWorker:
         self.env = make_env(cfg.env)
         self.factories = factories
         self.agents: dict[str, Any] = {}
+        self.variants: dict[str, Any] = {}  # repr(env config) -> env, for factories that name their own
         self.store = ShardStore(out_dir, "steps")
 
     def ready(self) -> bool:
@@ -62,9 +63,24 @@ class EnvWorker:
 
     def agent_for(self, policy: str):
         if policy not in self.agents:
-            factory = self.factories.get(policy) or self.factories[ANY_POLICY]
-            self.agents[policy] = factory(self.cfg)
+            self.agents[policy] = self._factory(policy)(self.cfg)
         return self.agents[policy]
+
+    def env_for(self, policy: str):
+        """The env a policy plays in: the worker's own, or the variant its factory names (`env_cfg`, e.g.
+        select-policy's clean condition), built once, so one pool of workers plays several conditions."""
+        env_cfg = getattr(self._factory(policy), "env_cfg", None)
+        if env_cfg is None:
+            return self.env
+        from r2v.envs.registry import make_env
+
+        key = repr(env_cfg)
+        if key not in self.variants:
+            self.variants[key] = make_env(env_cfg)
+        return self.variants[key]
+
+    def _factory(self, policy: str) -> AgentFactory:
+        return self.factories.get(policy) or self.factories[ANY_POLICY]
 
     def run(self, unit: Unit) -> dict[str, Any]:
         from r2v.rollout.episode import EpisodeMeta, run_episode
@@ -78,7 +94,7 @@ class EnvWorker:
 
             self.teacher = getattr(self, "teacher", None) or make_teacher(self.cfg)
             agent = BranchAgent(agent, self.teacher, list(unit.prefix), unit.teacher_steps)
-        rows = run_episode(self.env, agent, unit.task, meta, self.cfg.env.max_steps,
+        rows = run_episode(self.env_for(unit.policy), agent, unit.task, meta, self.cfg.env.max_steps,
                            self.cfg.policy.history_steps)
         self.store.write(unit.key, rows)
         return {"key": unit.key, "steps": len(rows), "success": bool(rows and rows[-1]["episode_success"]),
@@ -102,6 +118,13 @@ def plan_units(tasks: dict[str, list[Task]], seeds: list[int], episodes_per_task
         for seed in seeds
         for e in range(episodes_per_task)
     ]
+
+
+def of_units(df, units: list[Unit]):
+    """The step rows of `df` that belong to `units`: a collection folder keeps the episodes of tasks or seeds
+    configured before (shards are never deleted), which must not leak into what is built from this run."""
+    keys = {(u.task.task_id, u.seed) for u in units}
+    return df[[(t, int(s)) in keys for t, s in zip(df["task_id"], df["perturbation_seed"])]]
 
 
 def fit_workers(requested: int, cpus_each: float, units: int) -> int:

@@ -107,3 +107,32 @@ class BranchAgent:
             return Decision(action=reply.action or "", actor="teacher", escalated=True,
                             escalation_error=reply.error, teacher_tokens=reply.tokens)
         return self.base.decide(ctx, env)
+
+
+class Lookahead:
+    """The hindsight oracle's view of the future: does `agent` (the SLM acting alone), put in the live episode's
+    current state, win? It plays a counterfactual branch in a private env (same task, same perturbation seed,
+    the live episode's actions replayed: the env reproduces the state, as for branch labels), never touching
+    the live env. Its last branch is reused while the live episode stays on that branch's path (its executed
+    actions are a prefix of the branch's), so an episode costs one branch plus one per escalation: off the
+    path, only where the teacher acted, is a new one played."""
+
+    def __init__(self, env: Env, agent: Agent, max_steps: int, history_steps: int = 8):
+        self.env, self.agent, self.max_steps, self.history_steps = env, agent, max_steps, history_steps
+        self._branch: tuple[str, int, list[str]] | None = None  # (task_id, seed, the branch's actions)
+        self._won = False
+        self.branches = 0
+
+    def wins_from(self, task: Task, seed: int, executed: list[str]) -> bool:
+        """Whether the agent wins when it takes over after the actions `executed` (under `seed`)."""
+        if self._branch is not None:
+            task_id, branch_seed, path = self._branch
+            if (task_id, branch_seed) == (task.task_id, seed) and len(executed) < len(path) \
+                    and path[:len(executed)] == executed:
+                return self._won
+        rows = run_episode(self.env, BranchAgent(self.agent, None, executed, 0), task,
+                           EpisodeMeta("lookahead", "", "lookahead", seed), self.max_steps, self.history_steps)
+        self._branch = (task.task_id, seed, [r["action"] for r in rows])
+        self._won = bool(rows and rows[-1]["episode_success"])
+        self.branches += 1
+        return self._won

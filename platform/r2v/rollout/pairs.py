@@ -151,7 +151,7 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
 
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
-    from r2v.rollout.engine import collect, plan_units
+    from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.stage import collection_inputs, tasks_by_split
 
     init_ray(cfg)
@@ -165,7 +165,7 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
         summary = collect(cfg, units, PairProbeFactory(model_dir, server), exp.pair_probes, inputs=inputs)
     finally:
         ray.kill(server)
-    probes = ShardStore(exp.pair_probes, "steps").read_pandas()
+    probes = of_units(ShardStore(exp.pair_probes, "steps").read_pandas(), units)
     pairs = pairs_from_probes(cfg, probes)
     store = ShardStore(exp.pairs, "pairs")
     for old in store.files():

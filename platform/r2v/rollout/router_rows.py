@@ -6,6 +6,10 @@
    - `episode_failed` (episode): the SLM episode failed; broadcast to all of its steps.
    - `step_label` (step, the paper's step label): the SLM's action differs from the reference action the
      environment exposes at that state (TextWorld's re-planned walkthrough); null where there is none.
+   - `critical_label` (critical): the step label within an episode the SLM goes on to lose: a departure from
+     the reference that the outcome says mattered (harmless detours of won episodes are 0). It is the
+     hindsight router's rule (escalate where the SLM loses from here and the teacher would act otherwise)
+     read off the SLM's own episodes.
    - `branch_label` (branch, counterfactual): on a seeded sample of `router.branch_steps_per_episode` steps
      of *every* episode, 1 iff the teacher taking this step and the next `router.branch_teacher_steps` - 1
      wins where the SLM from here loses. Steps of a successful SLM episode need no branch (the SLM already
@@ -26,7 +30,7 @@ from r2v.config import R2VConfig
 from r2v.data import ShardStore
 from r2v.envs.base import stable_seed
 from r2v.router.features import FEATURE_VERSION
-from r2v.rollout.engine import Unit, collect, plan_units
+from r2v.rollout.engine import Unit, collect, of_units, plan_units
 from r2v.experiment import Experiment
 from r2v.rollout.stage import collection_inputs, tasks_by_split
 
@@ -38,9 +42,10 @@ class RoutedAgentFactory:
     teacher), so one picklable object describes a policy to any number of workers."""
 
     def __init__(self, model_dir: str, server, router, with_teacher: bool = True,
-                 budget_per_episode: int | None = None, name: str | None = None):
+                 budget_per_episode: int | None = None, name: str | None = None, env_cfg=None):
         self.model_dir, self.server, self.router = model_dir, server, router
         self.with_teacher, self.budget, self.name = with_teacher, budget_per_episode, name
+        self.env_cfg = env_cfg  # play in this env variant instead of the worker's (EnvWorker.env_for)
 
     def __call__(self, cfg: R2VConfig):
         from r2v.policies.routed import RoutedAgent
@@ -50,7 +55,16 @@ class RoutedAgentFactory:
 
         slm = RemoteSLM(self.server) if self.server is not None else SLMPolicy(self.model_dir, cfg.model, cfg.policy)
         teacher = make_teacher(cfg) if self.with_teacher else None
-        return RoutedAgent(slm, make_verifier(cfg), self.router, teacher, cfg.policy.select, self.budget, self.name)
+        verifier = make_verifier(cfg)
+        lookahead = None
+        if self.router.needs_lookahead:  # the hindsight oracle: the SLM alone, played on in a private env
+            from r2v.envs.registry import make_env
+            from r2v.router.baselines import make_router
+            from r2v.rollout.episode import Lookahead
+
+            alone = RoutedAgent(slm, verifier, make_router("slm_only"), None, cfg.policy.select, name="slm")
+            lookahead = Lookahead(make_env(self.env_cfg or cfg.env), alone, cfg.env.max_steps, cfg.policy.history_steps)
+        return RoutedAgent(slm, verifier, self.router, teacher, cfg.policy.select, self.budget, self.name, lookahead)
 
 
 def branch_picks(cfg: R2VConfig, episode_id: str, length: int) -> list[int]:
@@ -80,7 +94,7 @@ def branch_units(cfg: R2VConfig, steps_df, tasks_by_id) -> list[Unit]:
 
 
 def label_rows(cfg: R2VConfig, steps_df, branches_df) -> list[dict[str, Any]]:
-    """Router rows (ROUTER_ROWS_V2) for every SLM step, with its episode, step and branch labels."""
+    """Router rows (ROUTER_ROWS_V3) for every SLM step, with its episode, step, critical and branch labels."""
     outcome: dict[tuple, bool] = {}
     slm_outcome: dict[tuple, bool] = {}
     for _, b in branches_df.groupby("episode_id"):
@@ -104,6 +118,7 @@ def label_rows(cfg: R2VConfig, steps_df, branches_df) -> list[dict[str, Any]]:
             elif teacher_success is not None:
                 label = bool(teacher_success and not slm_success)
         reference = getattr(r, "oracle_action", None)
+        step_label = None if reference is None or reference != reference else bool(r.action != reference)
         rows.append({
             "experiment": cfg.experiment, "env": r.env, "task_id": r.task_id, "split": r.split,
             "episode_id": r.episode_id, "perturbation_seed": int(r.perturbation_seed), "step": int(r.step),
@@ -111,7 +126,8 @@ def label_rows(cfg: R2VConfig, steps_df, branches_df) -> list[dict[str, Any]]:
             "episode_failed": not bool(r.episode_success), "branch_label": label,
             "slm_branch_success": slm_success if label is not None else None,
             "teacher_branch_success": teacher_success,
-            "step_label": None if reference is None or reference != reference else bool(r.action != reference),
+            "step_label": step_label,
+            "critical_label": None if step_label is None else bool(step_label and not r.episode_success),
             "label_weight": weight if label is not None else None,
         })
     return rows
@@ -136,7 +152,7 @@ def run_collect_router(cfg: R2VConfig) -> dict[str, Any]:
         units = plan_units(tasks, list(cfg.router.rollout_seeds), 1, "slm")
         inputs = collection_inputs(cfg, ("env", "policy", "verifier"), (model_dir,), features=FEATURE_VERSION)
         slm_summary = collect(cfg, units, factory, exp.slm_router_rollouts, inputs=inputs)
-        steps_df = ShardStore(exp.slm_router_rollouts, "steps").read_pandas()
+        steps_df = of_units(ShardStore(exp.slm_router_rollouts, "steps").read_pandas(), units)
         by_id = {t.task_id: t for t in load_tasks(cfg.env)}
         branches = branch_units(cfg, steps_df, by_id)
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))

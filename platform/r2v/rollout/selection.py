@@ -3,7 +3,8 @@
 DPO can leave the policy worse than its BC reference on unseen games (docs/architecture.md, "DPO, measured"),
 so the pipeline does not assume the later stage is the better one. Each candidate plays every *validation*
 game alone (router `slm_only`, no teacher, proposal = `policy.select`), clean under `selection.clean_seeds`
-and under the configured perturbations under `selection.seeds`; the candidate whose episodes the environment
+and under the configured perturbations under `selection.seeds`, both conditions on one pool of env workers
+per candidate; the candidate whose episodes the environment
 says won more often is deployed, a tie goes to BC (the simpler model, DPO's own reference). Test games are
 never played here. The decision and both candidates' numbers go to `models/selected.json`
 (`Experiment.selection_file`), which `r2v.experiment.deployed_policy_dir` reads.
@@ -16,6 +17,8 @@ import copy
 import json
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from r2v.config import R2VConfig
 from r2v.envs.base import Task
@@ -40,11 +43,12 @@ def condition_config(cfg: R2VConfig, condition: str) -> R2VConfig:
     return clean
 
 
-def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[Task]], seeds: list[int],
+def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[Task]], plays: dict[str, list[int]],
                    out_dir: str | Path, progress: bool = False):
-    """Play every task under every seed with the SLM at `model_dir` acting alone; one row per episode
-    (task_id, perturbation_seed, episode_id, episode_success). Episodes are shards under `out_dir` tied to
-    the model and config, so a re-run resumes and a retrained model starts afresh."""
+    """Play every task under every seed of each condition of `plays` ({clean | perturbed: seeds}) with the SLM
+    at `model_dir` acting alone, all on one pool of env workers and one SLM actor; one row per episode
+    (condition, task_id, perturbation_seed, episode_id, episode_success). Episodes are shards under `out_dir`
+    tied to the model and config, so a re-run resumes and a retrained model starts afresh."""
     import ray
 
     from r2v.data import ShardStore
@@ -58,16 +62,25 @@ def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[
     init_ray(cfg)
     model_dir = str(model_dir)
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
-    factory = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False, name="slm")
+    factories, units = {}, []
+    for condition, seeds in plays.items():
+        policy = f"slm-{condition}"
+        factories[policy] = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False,
+                                               name="slm", env_cfg=condition_config(cfg, condition).env)
+        units += plan_units(tasks, list(seeds), 1, policy)
     try:
-        collect(cfg, plan_units(tasks, list(seeds), 1, "slm"), factory, out_dir, progress=progress,
+        collect(cfg, units, factories, out_dir, progress=progress,
                 inputs=collection_inputs(cfg, ("env", "policy", "verifier", "model"), (model_dir,)))
     finally:
         ray.kill(server)
-    steps = ShardStore(out_dir, "steps").read_pandas(columns=EPISODE_COLUMNS)
+    steps = ShardStore(out_dir, "steps").read_pandas(columns=["policy", *EPISODE_COLUMNS])
     ids = {t.task_id for split_tasks in tasks.values() for t in split_tasks}
-    steps = steps[steps["task_id"].isin(ids) & steps["perturbation_seed"].isin(list(seeds))]  # only what was asked
-    return steps.groupby("episode_id", as_index=False).first()
+    episodes = []
+    for condition, seeds in plays.items():  # only what was asked
+        part = steps[(steps["policy"] == f"slm-{condition}") & steps["task_id"].isin(ids)
+                     & steps["perturbation_seed"].isin(list(seeds))]
+        episodes.append(part.groupby("episode_id", as_index=False).first().assign(condition=condition))
+    return pd.concat(episodes, ignore_index=True).drop(columns="policy")
 
 
 def outcome(episodes, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
@@ -96,8 +109,6 @@ def choose(results: dict[str, dict[str, Any]]) -> str:
 
 def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
     """Pipeline stage `select-policy`: models/bc and models/dpo play the validation games -> models/selected.json."""
-    import pandas as pd
-
     from r2v.data.shards import fingerprint_dir
     from r2v.rollout.stage import tasks_by_split
 
@@ -109,24 +120,17 @@ def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
     if not tasks["val"]:
         raise R2VError(f"{exp.splits_file} has no validation games to select the SLM on: give `env.split_fractions` "
                        "a non-zero val share and re-run `r2v tasks`")
-    plays = {"clean": list(cfg.selection.clean_seeds), "perturbed": list(cfg.selection.seeds)}
+    plays = {c: seeds for c, seeds in (("clean", list(cfg.selection.clean_seeds)),
+                                        ("perturbed", list(cfg.selection.seeds))) if seeds}
     results: dict[str, dict[str, Any]] = {}
     for stage in candidates:
-        per: dict[str, Any] = {}
-        episodes = []
-        for condition, seeds in plays.items():
-            if not seeds:
-                continue
-            ep = play_slm_alone(condition_config(cfg, condition), exp.model(stage), tasks, seeds,
-                                exp.selection_rollouts(stage, condition))
-            per[condition] = outcome(ep, seed=cfg.seed)
-            episodes.append(ep)
-        total = outcome(pd.concat(episodes), seed=cfg.seed)
-        results[stage] = {**total, **per, "model_dir": str(exp.model(stage)),
+        episodes = play_slm_alone(cfg, exp.model(stage), tasks, plays, exp.selection_rollouts(stage))
+        per = {c: outcome(episodes[episodes["condition"] == c], seed=cfg.seed) for c in plays}
+        results[stage] = {**outcome(episodes, seed=cfg.seed), **per, "model_dir": str(exp.model(stage)),
                           "fingerprint": fingerprint_dir(exp.model(stage))}
     selected = choose(results)
     doc = {"selected": selected, "model_dir": str(exp.model(selected)), "split": "val",
-           "games": len(tasks["val"]), "seeds": plays["perturbed"], "clean_seeds": plays["clean"],
+           "games": len(tasks["val"]), "seeds": plays.get("perturbed", []), "clean_seeds": plays.get("clean", []),
            "rule": "higher validation success, SLM alone, clean and perturbed episodes pooled; tie -> bc",
            "candidates": results}
     path = exp.selection_file

@@ -1,8 +1,9 @@
 """Routers behind one interface and a name registry (RouteLLM's shape): each scores a step with
 `risk(features) -> float`, higher = more reason to call the LLM, and escalates when risk ≥ threshold.
 
-`features` is `features_by_name(vec)` of the SLM's proposal (FEATURE_NAMES), plus, for the oracle_teacher
-router, `slm_disagrees_with_oracle`. Thresholded routers can be calibrated to a target LLM-call rate on
+`features` is `features_by_name(vec)` of the SLM's proposal (FEATURE_NAMES), plus, for the two hindsight
+references, what only the live env can tell: `slm_disagrees_with_oracle` (oracle_teacher) and
+`slm_loses_from_here` (hindsight). Thresholded routers can be calibrated to a target LLM-call rate on
 validation rows with the same `budget_threshold` as r2v, so methods are compared at matched budgets.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ from r2v.router.features import FEATURE_NAMES, FEATURE_VERSION, vector_from_dict
 from r2v.router.thresholds import budget_threshold, realised_rate
 
 ORACLE_KEY = "slm_disagrees_with_oracle"
+HINDSIGHT_KEY = "slm_loses_from_here"
 
 
 class Router:
@@ -28,6 +30,7 @@ class Router:
     name = "router"
     fixed = False
     needs_oracle_action = False  # True: the caller must add features[ORACLE_KEY] from the live env
+    needs_lookahead = False  # True: the caller must add features[HINDSIGHT_KEY] from a counterfactual branch
 
     def __init__(self, threshold: float = 0.5, strict: bool = False):
         self.threshold = float(threshold)
@@ -213,6 +216,34 @@ class OracleTeacherRouter(Router):
             raise R2VError(f"oracle_teacher router needs features[{ORACLE_KEY!r}] (1.0 when the SLM's action differs "
                            f"from env.oracle_action()); the routed agent must set it")
         return float(features[ORACLE_KEY])
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+
+@register("hindsight")
+class HindsightRouter(Router):
+    """The hindsight oracle, valid for any teacher: escalates exactly at the steps where the SLM, left alone
+    from here (its proposal executed, then the SLM to the end, same perturbation seed), would lose the
+    episode, which the counterfactual branch shows (r2v.rollout.episode.Lookahead), and the teacher would act
+    differently (else the call leads to the same state). The caller sets features['slm_loses_from_here'] to
+    both together. It is the router's own target known in hindsight: no call is spent where the SLM would win
+    anyway or where the teacher would do the same. Greedy (a step it would lose from goes to the teacher now,
+    not later), so not the fewest calls over all plans; it never reads the env's oracle, so it means the same
+    with any teacher. Live evaluation only."""
+
+    fixed = True
+    needs_lookahead = True
+
+    def __init__(self):
+        super().__init__(threshold=1.0)
+
+    def risk(self, features: dict[str, float]) -> float:
+        if HINDSIGHT_KEY not in features:
+            raise R2VError(f"hindsight router needs features[{HINDSIGHT_KEY!r}] (1.0 when the SLM alone loses from "
+                           "this state), which only a live episode with a Lookahead has (eval.methods); logged "
+                           "router rows cannot score it")
+        return float(features[HINDSIGHT_KEY])
 
     def config(self) -> dict[str, Any]:
         return {}

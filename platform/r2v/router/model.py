@@ -32,7 +32,8 @@ WEIGHTS_FILE = "router.pt"
 META_FILE = "router.json"
 T_MIN, T_MAX = 0.05, 20.0
 # router.label → the router-row column holding it (1 = the SLM fails from here); the label vocabulary
-LABEL_COLUMNS = {"episode": "episode_failed", "branch": "branch_label", "step": "step_label"}
+LABEL_COLUMNS = {"episode": "episode_failed", "branch": "branch_label", "step": "step_label",
+                 "critical": "critical_label"}
 # labels whose rows are a sample of each episode's steps → the column of per-row weights (steps per row)
 WEIGHT_COLUMNS = {"branch": "label_weight"}
 
@@ -91,7 +92,7 @@ class RouterData:
                    source: str = "router rows") -> "RouterData":
         """From a DataFrame of router rows, keeping the rows whose label column (LABEL_COLUMNS[label]) is not
         null: episode → `episode_failed` (every step), step → `step_label` (steps with a reference action),
-        branch → `branch_label` (the sampled, branched steps). Rows of a sampled label carry `label_weight`
+        critical → `critical_label` (the same steps), branch → `branch_label` (the sampled, branched steps). Rows of a sampled label carry `label_weight`
         (WEIGHT_COLUMNS), read as RouterData.weight; the other labels are on every step and weigh 1."""
         if label not in LABEL_COLUMNS:
             raise R2VError(f"`router.label` = {label!r} is not one of {sorted(LABEL_COLUMNS)}")

@@ -1,7 +1,7 @@
 """The routed agent as a Ray Serve application.
 
 Deployments, composed by DeploymentHandles in a FastAPI ingress:
-- `slm`: the SLM (any HF directory), `@serve.batch`-ed across requests, K candidates per request;
+- `slm`: the SLM (any HF directory), batched continuously across requests (`SLMBatcher`), K candidates per request;
 - `verifier`: scores the candidates (rule or learned);
 - `router`: risk of the SLM's proposal and the escalation decision (r2v checkpoint or a baseline);
 - `teacher`: the OpenAI-compatible (or local HF) teacher, with retries; its failures are reported, not raised;
@@ -47,24 +47,21 @@ DEPLOYMENTS = ("slm", "verifier", "router", "teacher", "sessions", "ingress")
 # ----------------------------------------------------------------------------------------- deployments
 @serve.deployment(name="slm")
 class SLMDeployment:
-    """Requests are collected into batches (serve.max_batch_size, serve.batch_wait_timeout_s) and scored
-    in one forward pass per batch; the device follows model.device and the replica's GPUs."""
+    """Requests are batched continuously (r2v.policies.slm.SLMBatcher: up to serve.max_batch_size, waiting at
+    most serve.batch_wait_timeout_s for company, the next batch growing while one computes) and each batch is
+    one padded forward pass; the device follows model.device and the replica's GPUs."""
 
     def __init__(self, path: str, model_cfg, policy_cfg, max_batch_size: int, batch_wait_timeout_s: float):
-        from r2v.policies.slm import SLMPolicy
+        from r2v.policies.slm import SLMBatcher, SLMPolicy
 
         self.policy = SLMPolicy(path, model_cfg, policy_cfg)
-        self.act.set_max_batch_size(int(max_batch_size))
-        self.act.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
-        self.batch_sizes: _Counter = _Counter()
+        self.batcher = SLMBatcher(self.policy, int(max_batch_size), float(batch_wait_timeout_s))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def act(self, ctxs: list) -> list:
-        self.batch_sizes[len(ctxs)] += 1
-        return await asyncio.to_thread(self.policy.act, list(ctxs))
+    async def act(self, ctx):
+        return await asyncio.wrap_future(self.batcher.submit([ctx])[0])
 
     def stats(self) -> dict[str, Any]:
-        return {"device": str(self.policy.device), "batch_sizes": dict(self.batch_sizes)}
+        return {"device": str(self.policy.device), "batch_sizes": dict(self.batcher.batch_sizes)}
 
 
 @serve.deployment(name="verifier")

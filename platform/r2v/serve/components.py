@@ -11,7 +11,9 @@ from r2v.errors import ConfigError, R2VError
 from r2v.experiment import deployed_policy_dir, is_model_dir
 
 UNSERVABLE_ROUTERS = {"oracle_teacher": "the oracle_teacher router needs a live env's oracle action, which a "
-                                        "served agent has not"}
+                                        "served agent has not",
+                      "hindsight": "the hindsight router plays the SLM on from each state in a copy of the live env, "
+                                   "which a served agent has not"}
 
 
 def slm_path(cfg: R2VConfig, models_dir: str | Path) -> str:
