@@ -61,13 +61,13 @@ class Bench:
 BENCHES = [
     Bench("quickstart_stages", "Quickstart stage times", reads_run=True),
     Bench("routing_quality", "Routing quality (live, held-out tasks)", reads_run=True),
-    Bench("train_throughput", "BC training throughput", slow=True, quick_args=["--repeats", "1"]),
+    Bench("train_throughput", "BC training throughput", slow=True, quick_args=["--repeats", "2"]),  # even: order alternates
     Bench("rank_scoring", "Rank scoring on a real-shape model: shared prefix vs full encoding",
           quick_args=["--repeats", "3"]),
     Bench("serve_latency", "Serving latency and throughput", slow=True,
           quick_args=["--requests", "60", "--throughput-requests", "160", "--load", "400", "--inprocess-requests", "32"]),
     Bench("rollout_scaling", "Rollout scaling", slow=True,
-          quick_args=["--games", "2", "--seeds", "2", "--min-seconds", "15"]),
+          quick_args=["--games", "2", "--seeds", "2", "--min-seconds", "30"]),  # >= 30 s a point: steady state
     Bench("slm_quality", "SLM quality by training stage (held-out games)", slow=True, quick_args=["--seeds", "2"]),
     Bench("router_labels", "Router labels and feature ablation (held-out steps)", reads_run=True),
     Bench("router_matrix", "Every router at matched live budgets (held-out games)", slow=True, reads_run=True),
