@@ -89,6 +89,7 @@ def test_of_units_drops_episodes_of_seeds_or_tasks_no_longer_planned():
     from r2v.rollout.engine import of_units
 
     units = plan_units({"val": [Task("a", "textworld"), Task("b", "textworld")]}, [1], 1, "slm")
-    df = pd.DataFrame({"task_id": ["a", "a", "b", "c"], "perturbation_seed": [1, 2, 1, 1], "step": [0, 0, 0, 0]})
+    df = pd.DataFrame({"task_id": ["a", "a", "b", "c", "b"], "perturbation_seed": [1, 2, 1, 1, 1],
+                       "policy": ["slm", "slm", "slm", "slm", "teacher"], "step": [0] * 5})
     kept = of_units(df, units)
-    assert list(zip(kept["task_id"], kept["perturbation_seed"])) == [("a", 1), ("b", 1)]
+    assert list(zip(kept["task_id"], kept["perturbation_seed"], kept["policy"])) == [("a", 1, "slm"), ("b", 1, "slm")]

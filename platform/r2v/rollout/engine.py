@@ -121,10 +121,11 @@ def plan_units(tasks: dict[str, list[Task]], seeds: list[int], episodes_per_task
 
 
 def of_units(df, units: list[Unit]):
-    """The step rows of `df` that belong to `units`: a collection folder keeps the episodes of tasks or seeds
-    configured before (shards are never deleted), which must not leak into what is built from this run."""
-    keys = {(u.task.task_id, u.seed) for u in units}
-    return df[[(t, int(s)) in keys for t, s in zip(df["task_id"], df["perturbation_seed"])]]
+    """The step rows of `df` that belong to `units` (task, seed, policy): a collection folder keeps the episodes
+    of tasks, seeds or policies configured before (shards are never deleted), which must not leak into what is
+    built from this run. Branch units are not matched (their rows' policy carries the branch step)."""
+    keys = {(u.task.task_id, u.seed, u.policy) for u in units}
+    return df[[(t, int(s), p) in keys for t, s, p in zip(df["task_id"], df["perturbation_seed"], df["policy"])]]
 
 
 def fit_workers(requested: int, cpus_each: float, units: int) -> int:

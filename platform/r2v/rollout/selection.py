@@ -18,8 +18,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from r2v.config import R2VConfig
 from r2v.envs.base import Task
 from r2v.errors import R2VError
@@ -54,7 +52,7 @@ def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[
     from r2v.data import ShardStore
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
-    from r2v.rollout.engine import collect, plan_units
+    from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
     from r2v.rollout.stage import collection_inputs
     from r2v.router.baselines import make_router
@@ -73,14 +71,9 @@ def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[
                 inputs=collection_inputs(cfg, ("env", "policy", "verifier", "model"), (model_dir,)))
     finally:
         ray.kill(server)
-    steps = ShardStore(out_dir, "steps").read_pandas(columns=["policy", *EPISODE_COLUMNS])
-    ids = {t.task_id for split_tasks in tasks.values() for t in split_tasks}
-    episodes = []
-    for condition, seeds in plays.items():  # only what was asked
-        part = steps[(steps["policy"] == f"slm-{condition}") & steps["task_id"].isin(ids)
-                     & steps["perturbation_seed"].isin(list(seeds))]
-        episodes.append(part.groupby("episode_id", as_index=False).first().assign(condition=condition))
-    return pd.concat(episodes, ignore_index=True).drop(columns="policy")
+    steps = of_units(ShardStore(out_dir, "steps").read_pandas(columns=["policy", *EPISODE_COLUMNS]), units)
+    episodes = steps.groupby("episode_id", as_index=False).first()  # only what was asked
+    return episodes.assign(condition=episodes.pop("policy").str.removeprefix("slm-"))
 
 
 def outcome(episodes, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
