@@ -276,6 +276,13 @@ def render_routing_quality(d: dict[str, Any]) -> str:
         body = [[p.get("source"), p.get("trial_id"), p.get("operating_point"), p.get("threshold"), f(p.get("tau")),
                  f(p.get("success")), f(p.get("llm_call_rate"))] for p in fr["pareto"]]
         md += table(["source", "trial", "point", "threshold rule", "τ", "success", "calls/step"], body, "llllrrr")
+    bench = d.get("benchmark")
+    if bench:
+        md += (f"\nReal benchmark tasks, reported apart ({bench['tasks']}: {bench['n_tasks']} tasks x seeds "
+               f"{bench['perturbation_seeds']}; the SLM and router trained on the procedural instances):\n\n")
+        body = [[name, f"{f(r['success'])} [{f(r['success_ci'][0], 2)}, {f(r['success_ci'][1], 2)}]",
+                 f(r["llm_call_rate"]), f(r.get("n_episodes"))] for name, r in bench["methods"].items()]
+        md += table(["method", "success [95% CI by task]", "LLM calls/step", "episodes"], body, "lrrr")
     return md
 
 

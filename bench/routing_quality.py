@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = json.loads(res_path.read_text())
     results.pop("frontier", None)  # per-router curve summaries, not a method
     results.pop("slm_selection", None)  # select-policy's BC/DPO decision, not a method
+    benchmark = results.pop("benchmark", None)  # the real benchmark tasks (eval.benchmark), reported apart
     import datetime as dt
 
     mtime = dt.datetime.fromtimestamp(res_path.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     matched = matched_success(results)
     frontier = frontier_summary(exp / "sweep" / "frontier.parquet")
     result = {"status": "ok", "experiment": args.exp, "results_json": str(res_path), "results_mtime": mtime,
-              "results_older_than_eval": bool(stale), "rows": rows, "matched": matched, "sweep_frontier": frontier}
+              "results_older_than_eval": bool(stale), "rows": rows, "matched": matched, "sweep_frontier": frontier,
+              "benchmark": benchmark}
 
     n_ep = {r["n_episodes"] for r in rows}
     print(f"\nRouting quality, live on held-out tasks ({res_path}, {mtime}; episodes per method: "

