@@ -148,6 +148,12 @@ def test_benchmark_eval_plays_the_real_tasks_apart_from_the_procedural_ones():
     term = load_config("conf/terminal_quickstart.yaml", ["eval.benchmark.enabled=true", "eval.benchmark.max_tasks=null"])
     real = benchmark_tasks(term)
     assert len(real) >= 29 and not {t.task_id for t in real} & {t.task_id for t in load_tasks(term.env)}
+    # the benchmark's own step limit: the longest bundled solution.sh has 10 commands, then submit
+    from r2v.envs.terminal import _tasks_dir, load_solution
+    from r2v.eval.live import benchmark_env
+
+    longest = max(len(load_solution(_tasks_dir(term.env) / t.task_id) or []) for t in real)
+    assert benchmark_env(term).max_steps >= longest + 1 > term.env.max_steps
 
 
 def test_benchmark_eval_config_errors_name_the_key():
@@ -158,3 +164,5 @@ def test_benchmark_eval_config_errors_name_the_key():
         load_config("conf/code_quickstart.yaml", ["eval.benchmark.enabled=true", "env.code.procedural.enabled=false"])
     with pytest.raises(ConfigError, match=r"eval\.benchmark\.max_tasks"):
         load_config("conf/terminal_quickstart.yaml", ["eval.benchmark.enabled=true", "eval.benchmark.max_tasks=0"])
+    with pytest.raises(ConfigError, match=r"eval\.benchmark\.max_steps.*env\.max_steps"):
+        load_config("conf/terminal_quickstart.yaml", ["eval.benchmark.max_steps=0"])

@@ -322,6 +322,8 @@ class BenchmarkEvalConfig:
     methods: list[str] = field(default_factory=lambda: ["slm_only", "llm_only", "r2v"])  # each one of eval.methods
     perturbation_seeds: list[int] = field(default_factory=lambda: [0])
     max_tasks: Optional[int] = None  # the benchmark's first N tasks in its own order (HumanEval/0, ...); None = all
+    max_steps: Optional[int] = None  # the benchmark's own step limit (its tasks can take more steps than the
+    # generated ones: a bundled solution.sh has up to 10 commands); None = env.max_steps
 
 
 @dataclass
@@ -587,8 +589,11 @@ def check_benchmark(cfg: R2VConfig) -> None:
     if not bench.methods or not bench.perturbation_seeds:
         raise ConfigError("`eval.benchmark.methods` and `eval.benchmark.perturbation_seeds` must not be empty "
                           "(or set eval.benchmark.enabled=false)")
-    if bench.max_tasks is not None and bench.max_tasks < 1:
-        raise ConfigError(f"`eval.benchmark.max_tasks` = {bench.max_tasks} must be >= 1 (or null for every task)")
+    for key in ("max_tasks", "max_steps"):
+        value = getattr(bench, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"`eval.benchmark.{key}` = {value} must be >= 1 (or null: "
+                              f"{'every task' if key == 'max_tasks' else 'env.max_steps'})")
 
 
 def validate(cfg: R2VConfig) -> None:

@@ -118,9 +118,11 @@ BENCHMARK_SPLIT = "benchmark"  # the split name the benchmark's episodes carry
 
 
 def benchmark_env(cfg: R2VConfig):
-    """`cfg.env` with the procedural families off: the env loads the benchmark's own tasks."""
+    """`cfg.env` with the procedural families off (the env loads the benchmark's own tasks) and the benchmark's
+    step limit (`eval.benchmark.max_steps`)."""
     env = copy.deepcopy(cfg.env)
     getattr(env, env.name).procedural.enabled = False
+    env.max_steps = cfg.eval.benchmark.max_steps or env.max_steps
     return env
 
 

@@ -66,11 +66,16 @@ class EnvWorker:
             self.agents[policy] = self._factory(policy)(self.cfg)
         return self.agents[policy]
 
+    def env_cfg_for(self, policy: str):
+        """The env config a policy plays under: the worker's, or the variant its factory names (`env_cfg`, e.g.
+        select-policy's clean condition, eval's benchmark tasks with their own step limit)."""
+        return getattr(self._factory(policy), "env_cfg", None) or self.cfg.env
+
     def env_for(self, policy: str):
-        """The env a policy plays in: the worker's own, or the variant its factory names (`env_cfg`, e.g.
-        select-policy's clean condition), built once, so one pool of workers plays several conditions."""
-        env_cfg = getattr(self._factory(policy), "env_cfg", None)
-        if env_cfg is None:
+        """The env a policy plays in (`env_cfg_for`), built once per variant, so one pool of workers plays
+        several conditions."""
+        env_cfg = self.env_cfg_for(policy)
+        if env_cfg is self.cfg.env:
             return self.env
         from r2v.envs.registry import make_env
 
@@ -94,8 +99,8 @@ class EnvWorker:
 
             self.teacher = getattr(self, "teacher", None) or make_teacher(self.cfg)
             agent = BranchAgent(agent, self.teacher, list(unit.prefix), unit.teacher_steps)
-        rows = run_episode(self.env_for(unit.policy), agent, unit.task, meta, self.cfg.env.max_steps,
-                           self.cfg.policy.history_steps)
+        rows = run_episode(self.env_for(unit.policy), agent, unit.task, meta,
+                           self.env_cfg_for(unit.policy).max_steps, self.cfg.policy.history_steps)
         self.store.write(unit.key, rows)
         return {"key": unit.key, "steps": len(rows), "success": bool(rows and rows[-1]["episode_success"]),
                 "pid": os.getpid(), "node": _node_id()}

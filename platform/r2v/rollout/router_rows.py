@@ -63,7 +63,8 @@ class RoutedAgentFactory:
             from r2v.rollout.episode import Lookahead
 
             alone = RoutedAgent(slm, verifier, make_router("slm_only"), None, cfg.policy.select, name="slm")
-            lookahead = Lookahead(make_env(self.env_cfg or cfg.env), alone, cfg.env.max_steps, cfg.policy.history_steps)
+            env_cfg = self.env_cfg or cfg.env
+            lookahead = Lookahead(make_env(env_cfg), alone, env_cfg.max_steps, cfg.policy.history_steps)
         return RoutedAgent(slm, verifier, self.router, teacher, cfg.policy.select, self.budget, self.name, lookahead)
 
 
