@@ -211,7 +211,8 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
         f"{m}_llm_call_rate": r["llm_call_rate"] for m, r in results.items()}
     if bench_policy:
         rows = {name: summarise_method(df[df["policy"] == policy], c_slm=cfg.router.cost_slm, c_llm=cfg.router.cost_llm,
-                                       n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed) | {"policy": policy}
+                                       n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed)
+                | {"policy": policy, "ece": None, "brier": None}  # calibration is measured on router rows
                 for name, policy in bench_policy.items()}
         doc = {"tasks": benchmark_name(cfg), "n_tasks": len(bench_tasks[BENCHMARK_SPLIT]),
                "perturbation_seeds": list(bench.perturbation_seeds), "methods": rows}
