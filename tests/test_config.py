@@ -60,6 +60,7 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
         ("dpo.train.lr_schedule=cosine", "dpo.train.lr_schedule"),
         ("bc.rank_negatives=0", "bc.rank_negatives"),
         ("router.alpha=0", "router.alpha"),
+        ("router.fit_split=train", "router.cross_fit"),
         ("not_an_override", "key=value"),
     ],
 )

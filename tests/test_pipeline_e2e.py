@@ -16,7 +16,7 @@ TINY = [
     "env.split_fractions=[0.5,0.25,0.25]", "env.max_steps=12", "collect.perturbation_seeds=[0,1]",
     "model.init.hidden_size=64", "model.init.intermediate_size=128", "model.init.vocab_size=512",
     "bc.epochs=2", "dpo.train.epochs=1", "dpo.perturbation_seeds=[1,2]",
-    "router.fit_split=train", "router.rollout_seeds=[0,1,2,3]", "router.epochs=10",
+    "router.fit_split=train", "router.cross_fit=false", "router.rollout_seeds=[0,1,2,3]", "router.epochs=10",
     "sweep.num_samples=2", "sweep.epochs=3", "sweep.budgets=[0.3]", "eval.perturbation_seeds=[0,1]",
     "eval.bootstrap_samples=100", "eval.budgets=[0.5]",
     "selection.seeds=[0,1]", "selection.clean_seeds=[]",  # select-policy: one pool per model, perturbed only

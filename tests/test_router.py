@@ -16,7 +16,7 @@ from r2v.errors import R2VError
 from r2v.eval.metrics import auroc, ece
 from r2v.policies.base import Candidate, Decision, StepContext
 from r2v.router.baselines import (HINDSIGHT_KEY, ORACLE_KEY, ROUTERS, PreExecutionRouter, fit_gmm2, load_router, make_router,
-                                  rows_from_matrix, save_router)
+                                  rows_from_matrix, save_router, TWIN_DIR)
 from r2v.router.features import (FEATURE_INDEX, FEATURE_NAMES, FEATURE_VERSION, FeatureTracker, check_feature_rows,
                                  features_by_name)
 from r2v.router.model import (LogisticRiskModel, RiskModel, RiskNet, RouterData, batch_size,
@@ -499,6 +499,25 @@ def test_r2v_router_wraps_model(trained):
     assert rate <= 0.1 and r.escalate(rows[int(np.argmax(r.risks(rows)))])
     with pytest.raises(R2VError, match="trained model"):
         make_router("r2v")
+
+
+def test_cross_fitted_twin_routes_only_the_games_the_router_fitted_on(trained, tmp_path):
+    from r2v.rollout.live_budget import assign_games
+
+    model, _, test, _ = trained
+    cfg = RouterConfig(epochs=2, device="cpu")
+    twin = RiskModel(cfg=cfg)
+    twin.fit(_synthetic(300, 7), _synthetic(200, 8), cfg, seed=0)
+    model.save(tmp_path)
+    r = make_router("r2v", model_dir=str(tmp_path), device="cpu")
+    assert r.twin is None and assign_games(r, ["c1", "c2"], ["f1"]) == [(r, ["c1", "c2"])]  # learned: never in-sample
+    twin.save(tmp_path / TWIN_DIR)
+    r = make_router("r2v", model_dir=str(tmp_path), device="cpu")
+    np.testing.assert_allclose(r.twin.risks(rows_from_matrix(test.X[:20])), twin.predict(test.X[:20]), rtol=1e-6)
+    assert r.twin.threshold == r.threshold  # one τ for both halves
+    assert assign_games(r, ["c1", "c2"], ["f1"]) == [(r, ["c1", "c2"]), (r.twin, ["f1"])]
+    rnd = make_router("random")
+    assert assign_games(rnd, ["c1"], ["f1"]) == [(rnd, ["c1", "f1"])]  # learned nothing: plays every val game
 
 
 def test_pre_execution_router_escalates_whole_episodes():

@@ -283,6 +283,8 @@ class RouterConfig:
     kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
     fit_split: str = "train"  # train | val: val fits the router on tasks the SLM never trained on
     fit_fraction: float = 0.6  # with fit_split=val: share of val tasks fitted on; the rest calibrates
+    cross_fit: bool = False  # with fit_split=val: also fit a twin on the calibration tasks (calibrated on the fit
+    # tasks), so the live budget search plays every val task, each routed by the model that never fitted on it
     rollout_seeds: list[int] = field(default_factory=lambda: list(range(8)))
     branch_steps_per_episode: int = 3
     branch_teacher_steps: int = 1  # m: steps the teacher takes in a branch before the SLM continues
@@ -670,6 +672,9 @@ def validate(cfg: R2VConfig) -> None:
         raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
     if not 0 <= cfg.router.budget <= 1:
         raise ConfigError(f"`router.budget` = {cfg.router.budget} must be in [0, 1]")
+    if cfg.router.cross_fit and cfg.router.fit_split != "val":
+        raise ConfigError("`router.cross_fit=true` needs `router.fit_split=val`: the twin swaps the val tasks' fit and "
+                          "calibration halves (with fit_split=train the router fits on the SLM's own training tasks)")
     bad = [b for b in cfg.eval.budgets if not 0 <= b <= 1]
     if bad:
         raise ConfigError(f"`eval.budgets` = {list(cfg.eval.budgets)}: {bad} not LLM-call rates in [0, 1]")

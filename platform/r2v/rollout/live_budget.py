@@ -6,6 +6,12 @@ keeps them off the risky paths, so the same τ escalates far fewer live steps (0
 Each round of `live_budget_search` plays every router still searching on the calibration games under
 `router.budget_seeds`, all in one collection; probes are shards keyed by the router's identity and τ, so an
 interrupted or repeated calibration (train-router, calibrate, eval) reuses them.
+
+Which val games a router plays (`calibration_folds`): a router that learned nothing from labels plays all of
+them; a learned one (r2v, pre_execution) only the calibration games, since its rate on the games it was fitted
+on is in-sample, unless it has a cross-fitted twin (`router.cross_fit`): then the twin, fitted on the
+calibration games, routes the fit games at the same τ, and the rate pools all val games. The game is the unit
+of the rate's noise, so twice the games at half the seeds is the same cost for a steadier τ.
 """
 from __future__ import annotations
 
@@ -48,16 +54,26 @@ def routing_name(router: Router, tau: float) -> str:
     return f"{router.name}#{router_identity(router)}~{tau:.10g}"
 
 
-def calibration_tasks(cfg: R2VConfig) -> list:
-    """The games τ is calibrated on: the router's calibration games (never the test games)."""
+def calibration_folds(cfg: R2VConfig, router: Router) -> list[tuple[Router, list]]:
+    """(router, the val games it routes) pairs whose pooled rate is `router`'s live rate (module docstring).
+    Never the test games."""
     from r2v.envs.registry import load_tasks
     from r2v.router.stage import read_router_rows, router_part
 
-    ids = set(router_part(cfg, read_router_rows(cfg), "calibration")["task_id"])
-    tasks = [t for t in load_tasks(cfg.env) if t.task_id in ids]
-    if not tasks:
+    rows = read_router_rows(cfg)
+    by_id = {t.task_id: t for t in load_tasks(cfg.env)}
+    cal = sorted(set(router_part(cfg, rows, "calibration")["task_id"]))
+    fit = sorted(set(router_part(cfg, rows, "fit")["task_id"]) - set(cal)) if cfg.router.fit_split == "val" else []
+    if not cal:
         raise R2VError("no calibration games: collect router rows for the val split (`r2v collect-router`)")
-    return tasks
+    return [(r, [by_id[i] for i in ids if i in by_id]) for r, ids in assign_games(router, cal, fit)]
+
+
+def assign_games(router: Router, calibration: list, fit: list) -> list[tuple[Router, list]]:
+    """Which router plays which val games while τ is set: no game is routed by a model fitted on it."""
+    if not router.learned:
+        return [(router, calibration + fit)]
+    return [(router, calibration)] + ([(router.twin, fit)] if router.twin is not None and fit else [])
 
 
 def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str, float],
@@ -69,7 +85,7 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
 
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
-    from r2v.rollout.engine import collect, plan_units
+    from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
     from r2v.rollout.stage import collection_inputs
     from r2v.router.thresholds import live_budget_search
@@ -77,7 +93,7 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     if not budgets:
         return {}
     init_ray(cfg)
-    tasks = {"val": calibration_tasks(cfg)}
+    folds = {name: calibration_folds(cfg, router) for name, router in routers.items() if name in budgets}
     seeds = list(cfg.router.budget_seeds)
     model_dir = str(Experiment(cfg).deployed_policy_dir())
     out_dir = probes_dir(cfg)
@@ -85,19 +101,24 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
 
     def measure(taus: dict[str, float]) -> dict[str, tuple[float, np.ndarray]]:
-        policies, factories, units = {}, {}, []
+        policies: dict[str, list[str]] = {}
+        factories, units = {}, []
         for name, tau in taus.items():
-            router = copy.deepcopy(routers[name])
-            router.threshold, router.strict = float(tau), False
-            policy = policies[name] = routing_name(routers[name], tau)
-            factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
-            units += plan_units(tasks, seeds, 1, policy)
-        print(f"[budget] {len(taus)} routers x {len(units) // len(taus)} routed episodes on calibration games")
+            policies[name] = []
+            for fold_router, fold_tasks in folds[name]:
+                router = copy.deepcopy(fold_router)
+                router.threshold, router.strict = float(tau), False
+                policy = routing_name(fold_router, tau)
+                policies[name].append(policy)
+                factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
+                units += plan_units({"val": fold_tasks}, seeds, 1, policy)
+        print(f"[budget] {len(taus)} routers, {len(units)} routed episodes on calibration games")
         collect(cfg, units, factories, out_dir, inputs=inputs)
-        df = ShardStore(out_dir, "steps").read_pandas(["policy", "actor", "risk"])
+        df = of_units(ShardStore(out_dir, "steps").read_pandas(["task_id", "perturbation_seed", "policy", "actor",
+                                                                 "risk"]), units)  # not other seeds' probes
         out = {}
-        for name, policy in policies.items():
-            part = df[df["policy"] == policy]
+        for name, names in policies.items():
+            part = df[df["policy"].isin(names)]
             out[name] = (float((part["actor"] == "teacher").mean()) if len(part) else 0.0,
                          part["risk"].dropna().to_numpy(dtype=np.float64))
         return out
@@ -106,9 +127,12 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
         found = live_budget_search(p_offline, budgets, measure, rounds=cfg.router.budget_rounds)
     finally:
         ray.kill(server)
-    n_games, n_eps = len(tasks["val"]), len(tasks["val"]) * len(seeds)
     for name, rec in found.items():
         routers[name].threshold, routers[name].strict = rec["tau"], False
-        rec.update(calibrated_on=f"routed episodes on {n_games} calibration games x {len(seeds)} seeds "
-                                 f"({n_eps} per probe)")
+        if routers[name].twin is not None:
+            routers[name].twin.threshold, routers[name].twin.strict = rec["tau"], False
+        n_games = sum(len(t) for _, t in folds[name])
+        twin = " (half routed by its cross-fitted twin)" if len(folds[name]) > 1 else ""
+        rec.update(calibrated_on=f"routed episodes on {n_games} val games{twin} x {len(seeds)} seeds "
+                                 f"({n_games * len(seeds)} per probe)")
     return found

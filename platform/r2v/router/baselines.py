@@ -20,6 +20,7 @@ from r2v.router.features import FEATURE_NAMES, FEATURE_VERSION, vector_from_dict
 from r2v.router.thresholds import budget_threshold, realised_rate
 
 ORACLE_KEY = "slm_disagrees_with_oracle"
+TWIN_DIR = "twin"  # models/router/twin: the cross-fitted twin of the risk model (router.cross_fit)
 HINDSIGHT_KEY = "slm_loses_from_here"
 
 
@@ -31,6 +32,8 @@ class Router:
     fixed = False
     needs_oracle_action = False  # True: the caller must add features[ORACLE_KEY] from the live env
     needs_lookahead = False  # True: the caller must add features[HINDSIGHT_KEY] from a counterfactual branch
+    learned = False  # True: fitted on the router's fit tasks, so its rate there is in-sample (see live_budget)
+    twin: "Router | None" = None  # a learned router's cross-fitted twin: fitted on the calibration tasks instead
 
     def __init__(self, threshold: float = 0.5, strict: bool = False):
         self.threshold = float(threshold)
@@ -343,18 +346,25 @@ def gmm2_low_logodds(x: np.ndarray, means: Sequence[float], std: float, weights:
 
 @register("r2v")
 class R2VRouter(Router):
-    """The calibrated risk model: risk = p; threshold = the model's own (from router.threshold) unless given."""
+    """The calibrated risk model: risk = p; threshold = the model's own (from router.threshold) unless given.
+    A model dir with a `twin/` (router.cross_fit) also loads the cross-fitted twin, used only to set τ."""
+
+    learned = True
 
     def __init__(self, model: Any = None, model_dir: str | None = None, threshold: float | None = None,
-                 device: str | None = None):
+                 device: str | None = None, twin: Any = None):
         from r2v.router.model import RiskModel
 
         if model is None:
             if model_dir is None:
                 raise R2VError("r2v router needs a trained model: pass model= or model_dir= (models/router/)")
             model = RiskModel.load(model_dir, device=device)
+            if twin is None and (Path(model_dir) / TWIN_DIR).is_dir():
+                twin = RiskModel.load(Path(model_dir) / TWIN_DIR, device=device)
         self.model, self.model_dir = model, (str(model_dir) if model_dir is not None else None)
         super().__init__(model.threshold if threshold is None else threshold, strict=False)
+        if twin is not None:
+            self.twin = R2VRouter(model=twin, threshold=self.threshold)
 
     def risk(self, features: dict[str, float]) -> float:
         return float(self.model.predict(np.asarray([vector_from_dict(features, self.model.feature_names)]))[0])
@@ -372,6 +382,8 @@ class R2VRouter(Router):
 class PreExecutionRouter(Router):
     """Decides once per task, before acting: a logistic model on the first step's features predicts
     episode failure; when p ≥ threshold the WHOLE episode goes to the LLM (every step escalates)."""
+
+    learned = True
 
     def __init__(self, weights: Sequence[float] | None = None, bias: float = 0.0, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, threshold: float = 0.5,
@@ -486,4 +498,4 @@ def load_router(directory: str | Path) -> Router:
 __all__ = ["Router", "ROUTERS", "register", "make_router", "SLMOnlyRouter", "LLMOnlyRouter", "RandomRouter",
            "EntropyRouter", "HeuristicRouter", "VerifierRouter", "OracleTeacherRouter", "SteerRouter", "R2VRouter",
            "PreExecutionRouter", "fit_gmm2", "gmm2_low_logodds", "first_step_rows", "rows_from_matrix",
-           "save_router", "load_router", "ORACLE_KEY"]
+           "save_router", "load_router", "ORACLE_KEY", "TWIN_DIR"]

@@ -4,6 +4,7 @@ Also fits the `pre_execution` baseline (it needs training too) so that `eval` on
 """
 from __future__ import annotations
 
+import shutil
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from r2v.config import R2VConfig
 from r2v.data import ShardStore
 from r2v.errors import R2VError
 from r2v.experiment import Experiment
+from r2v.router.baselines import TWIN_DIR
 
 
 def read_router_rows(cfg: R2VConfig):
@@ -62,12 +64,21 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
 
     Tracker(cfg).log_history(history)  # λ, the CVaR violation and the Brier per epoch, as MLflow curves
     out = Experiment(cfg).model("router")
+    twin = None
+    if cfg.router.cross_fit:  # the same recipe on the swapped halves: it routes the fit games while τ is set
+        twin = RiskModel(val.X.shape[1], cfg.router)
+        twin.fit(val, train, cfg.router, seed=cfg.seed)
+    elif (out / TWIN_DIR).exists():
+        shutil.rmtree(out / TWIN_DIR)  # a twin of an older router must not set this one's τ
     pre = make_router("pre_execution").fit(split_data(cfg, df, "fit", "episode"))
     save_router(pre, out / "pre_execution")
     p_steps = model.predict(step_features(router_part(cfg, df, "calibration")))
     apply_step_threshold(model, p_steps, cfg.router)
     if cfg.router.threshold == "budget":
-        set_live_threshold(cfg, model, cfg.router.budget, p_steps)
+        set_live_threshold(cfg, model, cfg.router.budget, p_steps, twin)
+    if twin is not None:
+        twin.threshold = model.threshold
+        twin.save(out / TWIN_DIR)
     p_val = model.predict(val.X)
     summary = {"train_rows": len(train), "val_rows": len(val), "train_positive_rate": float(train.y.mean()),
                "threshold": float(model.threshold), "temperature": float(model.temperature),
@@ -87,13 +98,14 @@ def step_features(part) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32) for v in part["features"]])
 
 
-def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray) -> dict[str, Any]:
-    """Set a trained risk model's τ so that routed episodes on the calibration games escalate `budget` of
-    their steps (see r2v.rollout.live_budget); records the search in model.threshold_info."""
+def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray, twin=None) -> dict[str, Any]:
+    """Set a trained risk model's τ so that routed episodes on the calibration games (with a cross-fitted
+    `twin`: on all val games) escalate `budget` of their steps (see r2v.rollout.live_budget); records the
+    search in model.threshold_info."""
     from r2v.rollout.live_budget import calibrate_live
     from r2v.router.baselines import make_router
 
-    router = make_router("r2v", model=model)
+    router = make_router("r2v", model=model, twin=twin)
     rec = calibrate_live(cfg, {"r2v": router}, {"r2v": budget}, {"r2v": p_steps})["r2v"]
     model.threshold = rec["tau"]
     model.threshold_info = {"kind": "budget", "budget": float(budget), "tau": rec["tau"], "live_rate": rec["rate"],
@@ -113,13 +125,17 @@ def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = Fal
         raise R2VError(f"--budget {budget} must be a share of steps in [0, 1]")
     saved = Experiment(cfg).model("router")
     model = RiskModel.load(saved)
+    twin = RiskModel.load(saved / TWIN_DIR) if (saved / TWIN_DIR).is_dir() else None
     cal = router_part(cfg, read_router_rows(cfg), "calibration")
     if cal.empty:
         raise R2VError("no calibration router rows: run `r2v collect-router` with val tasks in the split")
-    info = set_live_threshold(cfg, model, budget, model.predict(step_features(cal)))
+    info = set_live_threshold(cfg, model, budget, model.predict(step_features(cal)), twin)
     out = {"budget": budget, "threshold": info["tau"], "calibration_call_rate": info["live_rate"],
            "calibrated_on": info["calibrated_on"], "probes": info["probes"]}
     if write:
         model.save(saved)
+        if twin is not None:
+            twin.threshold = model.threshold
+            twin.save(saved / TWIN_DIR)
         out["written_to"] = str(saved)
     return out
