@@ -311,6 +311,8 @@ class SweepConfig:
     resume: bool = True  # restore an interrupted sweep (Tuner.restore) instead of starting over
     live: bool = False  # re-evaluate live_top_k Pareto points live on eval.split (needs an SLM + tasks)
     live_seeds: list[int] = field(default_factory=lambda: [0])  # perturbation seeds of the live re-evaluation
+    live_threshold: bool = True  # best-<budget>.yaml's τ set by routed episodes on the calibration games (a
+    # budget means live LLM calls per step, as router.budget); false: the offline step quantile (no episodes)
 
 
 @dataclass
