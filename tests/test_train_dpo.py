@@ -275,10 +275,12 @@ def test_dpo_zero2_end_to_end(ray_local, tmp_path, tiny_model):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_dpo_zero3_end_to_end(ray_local, tmp_path, tiny_model):
+@pytest.mark.parametrize("trainer", ["r2v", "trl"])
+def test_dpo_zero3_end_to_end(ray_local, tmp_path, tiny_model, trainer):
     from r2v.train.dpo import run_train_dpo
 
     cfg = make_cfg(tmp_path, tiny_model, 3)
+    cfg.dpo.trainer = trainer
     check_dpo_run(cfg, run_train_dpo(cfg))
 
 
@@ -398,3 +400,27 @@ def test_trl_dpo_trainer_loss_is_the_objective_and_trains(tmp_path, tiny_model):
     s = trainer.summarize(trainer.epoch_sums)  # the last epoch's sums (no EpochEnd callback here: never cleared)
     assert all(map(lambda v: v == v and abs(v) < float("inf"), s.values()))
     assert s["accuracy"] > 0.8 and s["margin"] > 0.1 and s["consistency"] > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dpo_on_trl_with_lora_saves_a_merged_model(ray_local, tmp_path, tiny_model):
+    """`dpo.trainer=trl` with `model.lora`: DPOTrainer builds the adapter (`peft_config`), the run learns, and
+    models/dpo is a plain HF model (adapter merged) that differs from models/bc only in the adapted layers."""
+    import torch
+
+    from r2v.train.dpo import run_train_dpo
+
+    cfg = make_cfg(tmp_path, tiny_model, 2)
+    cfg.dpo.trainer = "trl"
+    cfg.model.lora.enabled, cfg.model.lora.r = True, 8
+    cfg.dpo.train.learning_rate = 2e-2
+    ep = run_train_dpo(cfg)["epochs"]
+    assert ep[-1]["val_margin"] > ep[0]["val_margin"] and ep[-1]["margin"] > ep[0]["margin"]
+    bc, _ = load(cfg.experiment_dir / "models" / "bc")
+    dpo, _ = load(cfg.experiment_dir / "models" / "dpo")
+    bc_sd, dpo_sd = bc.state_dict(), dpo.state_dict()
+    assert dpo_sd.keys() == bc_sd.keys()  # merged: no lora_A/lora_B left
+    for name, w in dpo_sd.items():
+        adapted = any(t in name for t in cfg.model.lora.target_modules)
+        assert torch.equal(w, bc_sd[name]) != adapted, name

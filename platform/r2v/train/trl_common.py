@@ -138,6 +138,10 @@ def epoch_end_callback(objective, ctx: WorkerContext):
             if ctx.rank == 0:
                 print(epoch_line(objective.name, row), flush=True)
 
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:  # runs after HF's flow callback, which asks for a save here:
+                control.should_save = False  # the final checkpoint is train_and_report's (hf/ + state), not a full one
+
         def on_save(self, args, state, control, **kw):
             if ctx.rank == 0 and self.best_sd is not None:
                 torch.save(self.best_sd, Path(args.output_dir) / f"checkpoint-{state.global_step}" / BEST_FILE)

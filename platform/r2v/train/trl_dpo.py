@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from r2v.errors import R2VError
-from r2v.train.common import lora_config, rank_partition
+from r2v.train.common import load_model, lora_config, rank_partition
 from r2v.train.trl_common import epoch_end_callback, train_and_report, trainer_args, trl_setup
 
 REF_COLUMNS = ("ref_chosen", "ref_rejected")
@@ -120,13 +120,11 @@ def r2v_dpo_trainer():
 
 def dpo_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker function of `dpo.trainer: trl`."""
+    objective, ctx, nodes = trl_setup(config)  # first: it tells DeepSpeed about a CPU-only box before any import
     import ray
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from trl import DPOConfig
 
-    from r2v.train.common import load_model
-
-    objective, ctx, nodes = trl_setup(config)
     train_ds = pair_dataset(ray.get(config["train_ref"]), objective, ctx)
     args = DPOConfig(**trainer_args(config, ctx), beta=objective.beta, loss_type=["sigmoid"],
                      precompute_ref_log_probs=True)

@@ -117,11 +117,11 @@ def lean_sft_trainer():
 
 def sft_worker(config: dict[str, Any]) -> None:
     """The Ray Train per-worker function of `bc.trainer: trl`."""
+    objective, ctx, nodes = trl_setup(config)  # first: it tells DeepSpeed about a CPU-only box before any import
     import ray
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from trl import SFTConfig
 
-    objective, ctx, nodes = trl_setup(config)
     objective.prepare(ctx)
     train_ds = tokenized_dataset(ray.get(config["train_ref"]), ctx.tokenizer, int(config["history_steps"]),
                                  int(config["max_tokens"]), config["prompt_chars"])
