@@ -15,7 +15,8 @@ resume after a worker failure, epoch rows, best-validation-epoch weights and the
   `ref_rejected` columns), and `precompute_ref_log_probs=True` so `DPOTrainer` keeps no reference model. TRL's own
   precompute is not used: it caches the log-probs in an Arrow file that rank 0 writes and every rank reads back, and
   for an in-memory dataset each rank names that file with its own random fingerprint in its own temp directory
-  (`Dataset._get_cache_file_path`), so ranks ≥ 1 cannot find it; across nodes it would need a shared disk too.
+  (`Dataset._get_cache_file_path`: two calls on one in-memory dataset gave two different paths, datasets 5.2), so
+  ranks ≥ 1 cannot find it; across nodes it would need a shared disk too.
 * Loss (`R2VDPOTrainer.compute_loss`): one forward over [chosen; rejected; chosen under the peer prompt] rows
   (`r2v.train.dpo.dpo_loss`). Stock `DPOTrainer._compute_loss` cannot carry the consistency term (its fused LM head
   returns per-token log-probs, never the logits a JSD needs, and its batch is [chosen; rejected] only), and it
