@@ -226,6 +226,7 @@ class DPOConfig:
     its term off, so each ablation is one override."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: str = "r2v"  # r2v: the own DeepSpeed loop (r2v.train.common) | trl: a DPOTrainer subclass (r2v.train.trl_dpo)
     beta: float = 0.1
     dpo_weight: float = 1.0  # the preference term
     bc_weight: float = 1.0  # λ_BC: per-token NLL of the chosen action (the teacher's, with chosen=teacher)
@@ -498,7 +499,7 @@ THRESHOLDS = ("budget", "bayes", "cvar")
 CALIBRATIONS = ("temperature", "platt")
 SPLITS = ("train", "val", "test")
 LR_SCHEDULES = ("linear", "constant")
-BC_TRAINERS = ("r2v", "trl")
+TRAINERS = ("r2v", "trl")  # bc.trainer, dpo.trainer: the own DeepSpeed loop | TRL's trainer
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -574,7 +575,8 @@ def validate(cfg: R2VConfig) -> None:
         "collect.policy": (cfg.collect.policy, ("teacher", "slm", "routed")),
         "collect.split": (cfg.collect.split, SPLITS),
         "bc.lr_schedule": (cfg.bc.lr_schedule, LR_SCHEDULES),
-        "bc.trainer": (cfg.bc.trainer, BC_TRAINERS),
+        "bc.trainer": (cfg.bc.trainer, TRAINERS),
+        "dpo.trainer": (cfg.dpo.trainer, TRAINERS),
         "dpo.train.lr_schedule": (cfg.dpo.train.lr_schedule, LR_SCHEDULES),
         "dpo.chosen": (cfg.dpo.chosen, ("teacher", "verifier")),
         "verifier.kind": (cfg.verifier.kind, ("rule", "learned")),
