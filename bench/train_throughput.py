@@ -11,6 +11,11 @@ included, so the comparison is conservative for TRL); "end-to-end tok/s" divides
 Ray Train's worker start-up, DeepSpeed init, checkpoints and the final consolidated save.
 The Ray runs alternate the two trainers' order per repeat (an even --repeats cancels a linear drift in load).
 Writes runs/bench/train_throughput.json.
+
+    python -m bench.train_throughput --dpo-experiment runs/quickstart [--dpo-config conf/quickstart.yaml --repeats 2]
+
+DPO instead (`dpo_section`): `dpo.trainer` r2v vs trl on a finished run's real pairs, the same tokens/s columns plus
+the validation reward accuracy and margin; writes runs/bench/train_throughput_dpo.json.
 """
 from __future__ import annotations
 
@@ -89,8 +94,66 @@ def plain_loop(model_dir: Path, examples: list[dict], batch: int, epochs: int, l
             "tokens": tokens, "losses": losses, "device": str(device), "threads": torch.get_num_threads()}
 
 
+def dpo_section(experiment: Path, config: str, repeats: int, out: Path) -> dict:
+    """`dpo.trainer` r2v vs trl on a finished run's real pairs (`<experiment>/pairs`, reference and init
+    `<experiment>/models/bc`) with `config`'s dpo section: loop and end-to-end tokens/s, and the validation reward
+    accuracy/margin of the epoch each run keeps (best `val_objective`) and of its last epoch."""
+    import ray
+
+    from r2v.config import load_config
+    from r2v.experiment import Experiment
+    from r2v.train.dpo import run_train_dpo
+
+    runs: dict[str, list[dict]] = {"r2v": [], "trl": []}
+    with tempfile.TemporaryDirectory(prefix="r2v-bench-dpo-") as tmp:
+        for rep in range(repeats):
+            for trainer in ("r2v", "trl") if rep % 2 == 0 else ("trl", "r2v"):  # alternate: cancels load drift
+                cfg = load_config(config, [f"experiment=dpo-{trainer}{rep}", f"runs_dir={tmp}", "tracking.enabled=false",
+                                           f"dpo.trainer={trainer}"])
+                exp = Experiment(cfg)
+                exp.model("bc").parent.mkdir(parents=True, exist_ok=True)
+                os.symlink((experiment / "models" / "bc").resolve(), exp.model("bc"))
+                os.symlink((experiment / "pairs").resolve(), exp.pairs)
+                t0 = time.perf_counter()
+                summary = run_train_dpo(cfg)
+                wall = time.perf_counter() - t0
+                hist = summary["epochs"]
+                kept = hist[summary.get("best_epoch", len(hist)) - 1]
+                tokens = sum(h["tokens"] for h in hist)
+                runs[trainer].append({
+                    "loop_tokens_per_s": tokens / sum(h["tokens"] / h["tokens_per_s"] for h in hist),
+                    "end_to_end_tokens_per_s": tokens / wall, "wall_s": wall, "tokens": tokens,
+                    "best_epoch": summary.get("best_epoch"), "val_accuracy": kept["val_accuracy"],
+                    "val_margin": kept["val_margin"], "val_objective": kept["val_objective"],
+                    "last_val_accuracy": hist[-1]["val_accuracy"], "last_val_margin": hist[-1]["val_margin"],
+                    "train_pairs": summary["num_train_examples"], "val_pairs": summary["num_val_examples"]})
+        ray.shutdown()
+    keys = ("loop_tokens_per_s", "end_to_end_tokens_per_s", "wall_s", "val_accuracy", "val_margin", "val_objective")
+    result = {"experiment": str(experiment), "config": config, "repeats": repeats, "statistic": "median over repeats",
+              "cpus": os.cpu_count(), "load_avg_after": os.getloadavg(),
+              **{t: {"runs": r, **{k: statistics.median(x[k] for x in r) for k in keys}} for t, r in runs.items()}}
+    result["ratio_trl_vs_loop"] = result["trl"]["loop_tokens_per_s"] / result["r2v"]["loop_tokens_per_s"]
+    result["ratio_trl_vs_loop_end_to_end"] = (result["trl"]["end_to_end_tokens_per_s"]
+                                              / result["r2v"]["end_to_end_tokens_per_s"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nDPO ({config}, {runs['r2v'][0]['train_pairs']} train / {runs['r2v'][0]['val_pairs']} val pairs), "
+          f"median of {repeats} runs")
+    print(f"{'dpo.trainer':<14}{'loop tok/s':>12}{'end-to-end tok/s':>18}{'wall s':>9}{'val acc':>9}{'val margin':>12}")
+    for t in ("r2v", "trl"):
+        r = result[t]
+        print(f"{t:<14}{r['loop_tokens_per_s']:>12.0f}{r['end_to_end_tokens_per_s']:>18.0f}{r['wall_s']:>9.1f}"
+              f"{r['val_accuracy']:>9.3f}{r['val_margin']:>12.4f}")
+    print(f"TRL/own loop: loop {result['ratio_trl_vs_loop']:.2f}x, end-to-end "
+          f"{result['ratio_trl_vs_loop_end_to_end']:.2f}x  -> {out}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dpo-experiment", type=Path, default=None,
+                    help="instead of BC: DPO on this finished run's pairs and models/bc, dpo.trainer r2v vs trl")
+    ap.add_argument("--dpo-config", default="conf/quickstart.yaml", help="the config whose dpo section --dpo-experiment uses")
     ap.add_argument("--rows", type=int, default=768)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -101,6 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="runs/bench/train_throughput.json")
     args = ap.parse_args(argv)
+    if args.dpo_experiment is not None:
+        out = Path(args.out).with_name("train_throughput_dpo.json") if args.out == ap.get_default("out") else Path(args.out)
+        return dpo_section(args.dpo_experiment, args.dpo_config, args.repeats, out)
 
     import torch
 

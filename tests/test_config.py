@@ -99,6 +99,7 @@ def test_config_hash_tracks_only_named_sections():
         ("teacher.kind=openia", r"`teacher\.kind` = 'openia'.*did you mean: openai\?"),
         ("model.dtype=float61", r"`model\.dtype` = 'float61'.*did you mean: float16\?"),
         ("bc.lr_schedule=linera", r"`bc\.lr_schedule` = 'linera'.*did you mean: linear\?"),
+        ("dpo.trainer=trll", r"`dpo\.trainer` = 'trll' is not one of \['r2v', 'trl'\].*did you mean: trl\?"),
         ("eval.methods=[r2v,entropi]", r"`eval\.methods\[1\]` = 'entropi'.*did you mean: entropy\?"),
         ("eval.methods=[r2v@0.2]", r"`eval\.methods\[0\]` = 'r2v@0\.2'.*eval\.budgets"),
         ("eval.methods=[]", r"`eval\.methods` is empty"),

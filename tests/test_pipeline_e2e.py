@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny TextWorld config, in-process on local Ray: every stage runs, the report
 holds every method measured live, MLflow has the runs, and a re-run skips everything."""
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -60,6 +61,11 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
     for name in budgeted:  # each budgeted method reports its target and the rate its calibration games gave
         assert results[name]["budget"] == 0.5 and 0.0 <= results[name]["calibration_call_rate"] <= 1.0, name
     assert (exp / "sweep" / "frontier.parquet").is_file()
+    from r2v.tune import load_best  # the sweep's best router at a budget has a live τ, like router.budget
+
+    best = load_best(exp / "sweep" / "best-0.3.yaml")
+    assert best["meta"]["threshold_kind"] == "live" and 0.0 <= best["meta"]["val_llm_call_rate_live"] <= 1.0
+    assert json.loads((Path(best["model_dir"]) / "router.json").read_text())["threshold"] == best["threshold"]
 
     client = mlflow.MlflowClient(tracking_uri(cfg))
     runs = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])

@@ -179,7 +179,7 @@ def swept(ray_local, tmp_path_factory):
     cfg.router = dataclasses.replace(cfg.router, hidden_sizes=[32, 16], device="cpu", epochs=EPOCHS)
     cfg.sweep = dataclasses.replace(cfg.sweep, num_samples=N_TRIALS, max_concurrent=2, budgets=list(BUDGETS),
                                     epochs=EPOCHS, grace_period=2, reduction_factor=2.0, cpus_per_trial=0.5,
-                                    max_failures=0, live=False)
+                                    max_failures=0, live=False, live_threshold=False)  # synthetic rows: no games
     rows = write_rows(cfg)
     (tmp / "crash-once").touch()
     (tmp / "interrupt-once").touch()

@@ -275,19 +275,39 @@ def test_dpo_zero2_end_to_end(ray_local, tmp_path, tiny_model):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_dpo_zero3_end_to_end(ray_local, tmp_path, tiny_model):
+@pytest.mark.parametrize("trainer", ["r2v", "trl"])
+def test_dpo_zero3_end_to_end(ray_local, tmp_path, tiny_model, trainer):
     from r2v.train.dpo import run_train_dpo
 
     cfg = make_cfg(tmp_path, tiny_model, 3)
+    cfg.dpo.trainer = trainer
     check_dpo_run(cfg, run_train_dpo(cfg))
 
 
 @pytest.mark.ray
+def test_dpo_on_trl_zero2_end_to_end(ray_local, tmp_path, tiny_model):
+    """`dpo.trainer=trl`: the DPOTrainer subclass under Ray Train + DeepSpeed ZeRO-2 on 2 workers, fed a
+    datasets.Dataset: the same checks as the own loop (learning, val numbers per epoch, reference log-probs,
+    the best validation epoch saved)."""
+    from r2v.train.dpo import run_train_dpo
+
+    cfg = make_cfg(tmp_path, tiny_model, 2)
+    cfg.dpo.trainer = "trl"
+    bc_before = dir_hash(cfg.experiment_dir / "models" / "bc")
+    summary = run_train_dpo(cfg)
+    assert summary["trainer"] == "trl" and summary["steps"] == 6 * 3  # 24 pairs / (2 ranks x 4) per epoch
+    check_dpo_run(cfg, summary)
+    assert dir_hash(cfg.experiment_dir / "models" / "bc") == bc_before
+
+
+@pytest.mark.ray
 @pytest.mark.slow
-def test_dpo_keeps_the_best_epochs_weights_across_a_worker_kill(ray_local, tmp_path, tiny_model, monkeypatch):
+@pytest.mark.parametrize("trainer", ["r2v", "trl"])
+def test_dpo_keeps_the_best_epochs_weights_across_a_worker_kill(ray_local, tmp_path, tiny_model, monkeypatch,
+                                                                trainer):
     """Rank 1 dies once after the step-4 checkpoint (mid epoch 2). The best epoch is made epoch 1 (best =
     highest val objective: training lowers it), so the model saved at the end can only be right if epoch 1's
-    weights came back from that checkpoint (`best_weights.pt`) after the restart."""
+    weights came back from that checkpoint (`best_weights.pt`) after the restart. Both trainers."""
     import r2v.train.common
     from fault_injection import dies_once_after_checkpoint, fit_with_objective
     from r2v.train.dpo import run_train_dpo
@@ -300,8 +320,107 @@ def test_dpo_keeps_the_best_epochs_weights_across_a_worker_kill(ray_local, tmp_p
     monkeypatch.setattr(r2v.train.common, "fit", fit_with_objective(r2v.train.common.fit, wrap))  # run_train_dpo's
     cfg = make_cfg(tmp_path, tiny_model, 2)
     cfg.dpo.train.save_steps = 4
+    cfg.dpo.trainer = trainer
     summary = run_train_dpo(cfg)
     ep = summary["epochs"]
     assert marker.exists() and summary["resumed_from_step"] == 4 and len(ep) == 6
     assert summary["best_epoch"] == 1 and ep[0]["val_objective"] > ep[-1]["val_objective"] + 0.05
     assert saved_val_objective(cfg) == pytest.approx(ep[0]["val_objective"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------- dpo.trainer=trl
+def trl_trainer(tmp_path, model_path, rows, **weights):
+    """The `dpo.trainer=trl` trainer in-process (no Ray, no DeepSpeed) on `rows`, reference log-probs from the
+    untouched model (as `pair_dataset` computes them on a worker)."""
+    import datasets
+    from trl import DPOConfig
+
+    from r2v.train.common import WorkerContext
+    from r2v.train.dpo import DPOObjective, reference_logps
+    from r2v.train.trl_dpo import r2v_dpo_trainer
+
+    ref, tok = load(model_path)
+    feats = encoded(tok, rows)
+    refs = reference_logps(ref.eval(), feats, tok.pad_token_id, "cpu", 8)
+    ds = datasets.Dataset.from_list([
+        {"chosen_ids": f["chosen"]["input_ids"], "chosen_n": f["chosen"]["n_prompt"],
+         "rejected_ids": f["rejected"]["input_ids"], "rejected_n": f["rejected"]["n_prompt"],
+         "peer_ids": f["peer"]["input_ids"] if f["peer"] else [], "peer_n": f["peer"]["n_prompt"] if f["peer"] else 0,
+         "ref_chosen": c, "ref_rejected": r} for f, (c, r) in zip(feats, refs)])
+    config = {"max_tokens": 96, "beta": 0.5, "consistency_weight": 0.1, "consistency_positions": 5,
+              "consistency_temperature": 2.0, "bc_weight": 0.1, "dpo_weight": 1.0, **weights}
+    objective = DPOObjective(config)
+    ctx = WorkerContext(rank=0, world=1, device=torch_device(), tokenizer=tok, config=config)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=6, learning_rate=5e-3,
+                     num_train_epochs=15, lr_scheduler_type="constant", use_cpu=True, report_to=[], logging_strategy="no", save_strategy="no",
+                     disable_tqdm=True, remove_unused_columns=False, activation_checkpointing=False,
+                     beta=objective.beta, precompute_ref_log_probs=True, seed=0)
+    from r2v.train.trl_dpo import collate_pairs
+
+    policy, _ = load(model_path)
+    return r2v_dpo_trainer()(model=policy, args=args, train_dataset=ds, processing_class=tok,
+                             data_collator=collate_pairs, objective=objective, ctx=ctx), feats, refs
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
+
+
+def test_trl_dpo_trainer_loss_is_the_objective_and_trains(tmp_path, tiny_model):
+    """The DPOTrainer subclass computes exactly `dpo_loss` on its batch (every term, every switch), and TRL's loop
+    on it raises the reward accuracy and margin."""
+    import torch
+
+    from r2v.train.dpo import dpo_loss
+
+    rows = pair_rows(1)
+    for weights in ({}, {"consistency_weight": 0.0}, {"bc_weight": 0.0}, {"dpo_weight": 0.0, "bc_weight": 1.0}):
+        trainer, feats, refs = trl_trainer(tmp_path, tiny_model, rows, **weights)
+        assert trainer.ref_model is None and not trainer.args.gradient_checkpointing
+        batch = next(iter(trainer.get_train_dataloader()))
+        got = trainer.compute_loss(trainer.model, batch)
+        for f, (c, r) in zip(feats, refs):
+            f["ref_chosen"], f["ref_rejected"] = c, r
+        o = trainer.objective
+        want, _ = dpo_loss(trainer.model, feats, trainer.ctx.pad_id, "cpu", beta=o.beta, weight=o.weight,
+                           positions=o.positions, temperature=o.temperature, bc_weight=o.bc_weight,
+                           dpo_weight=o.dpo_weight)
+        assert float(got.detach()) == pytest.approx(float(want), rel=1e-5), weights
+    losses = {}
+    for name, weights in (("full", {}), ("no_cons", {"consistency_weight": 0.0}), ("no_bc", {"bc_weight": 0.0})):
+        trainer, _, _ = trl_trainer(tmp_path, tiny_model, rows, **weights)
+        losses[name] = float(trainer.compute_loss(trainer.model, next(iter(trainer.get_train_dataloader()))))
+    assert losses["full"] > losses["no_cons"] + 1e-6 and losses["full"] > losses["no_bc"] + 1e-6  # each term counts
+
+    torch.manual_seed(0)
+    trainer, _, _ = trl_trainer(tmp_path, tiny_model, rows)
+    trainer.train()
+    s = trainer.summarize(trainer.epoch_sums)  # the last epoch's sums (no EpochEnd callback here: never cleared)
+    assert all(map(lambda v: v == v and abs(v) < float("inf"), s.values()))
+    assert s["accuracy"] > 0.8 and s["margin"] > 0.1 and s["consistency"] > 0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dpo_on_trl_with_lora_saves_a_merged_model(ray_local, tmp_path, tiny_model):
+    """`dpo.trainer=trl` with `model.lora`: DPOTrainer builds the adapter (`peft_config`), the run learns, and
+    models/dpo is a plain HF model (adapter merged) that differs from models/bc only in the adapted layers."""
+    import torch
+
+    from r2v.train.dpo import run_train_dpo
+
+    cfg = make_cfg(tmp_path, tiny_model, 2)
+    cfg.dpo.trainer = "trl"
+    cfg.model.lora.enabled, cfg.model.lora.r = True, 8
+    cfg.dpo.train.learning_rate = 2e-2
+    ep = run_train_dpo(cfg)["epochs"]
+    assert ep[-1]["val_margin"] > ep[0]["val_margin"] and ep[-1]["margin"] > ep[0]["margin"]
+    bc, _ = load(cfg.experiment_dir / "models" / "bc")
+    dpo, _ = load(cfg.experiment_dir / "models" / "dpo")
+    bc_sd, dpo_sd = bc.state_dict(), dpo.state_dict()
+    assert dpo_sd.keys() == bc_sd.keys()  # merged: no lora_A/lora_B left
+    for name, w in dpo_sd.items():
+        adapted = any(t in name for t in cfg.model.lora.target_modules)
+        assert torch.equal(w, bc_sd[name]) != adapted, name

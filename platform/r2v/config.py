@@ -226,6 +226,7 @@ class DPOConfig:
     its term off, so each ablation is one override."""
 
     train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: str = "r2v"  # r2v: the own DeepSpeed loop (r2v.train.common) | trl: a DPOTrainer subclass (r2v.train.trl_dpo)
     beta: float = 0.1
     dpo_weight: float = 1.0  # the preference term
     bc_weight: float = 1.0  # λ_BC: per-token NLL of the chosen action (the teacher's, with chosen=teacher)
@@ -311,6 +312,8 @@ class SweepConfig:
     resume: bool = True  # restore an interrupted sweep (Tuner.restore) instead of starting over
     live: bool = False  # re-evaluate live_top_k Pareto points live on eval.split (needs an SLM + tasks)
     live_seeds: list[int] = field(default_factory=lambda: [0])  # perturbation seeds of the live re-evaluation
+    live_threshold: bool = True  # best-<budget>.yaml's τ set by routed episodes on the calibration games (a
+    # budget means live LLM calls per step, as router.budget); false: the offline step quantile (no episodes)
 
 
 @dataclass
@@ -512,7 +515,7 @@ THRESHOLDS = ("budget", "bayes", "cvar")
 CALIBRATIONS = ("temperature", "platt")
 SPLITS = ("train", "val", "test")
 LR_SCHEDULES = ("linear", "constant")
-BC_TRAINERS = ("r2v", "trl")
+TRAINERS = ("r2v", "trl")  # bc.trainer, dpo.trainer: the own DeepSpeed loop | TRL's trainer
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -611,7 +614,8 @@ def validate(cfg: R2VConfig) -> None:
         "collect.policy": (cfg.collect.policy, ("teacher", "slm", "routed")),
         "collect.split": (cfg.collect.split, SPLITS),
         "bc.lr_schedule": (cfg.bc.lr_schedule, LR_SCHEDULES),
-        "bc.trainer": (cfg.bc.trainer, BC_TRAINERS),
+        "bc.trainer": (cfg.bc.trainer, TRAINERS),
+        "dpo.trainer": (cfg.dpo.trainer, TRAINERS),
         "dpo.train.lr_schedule": (cfg.dpo.train.lr_schedule, LR_SCHEDULES),
         "dpo.chosen": (cfg.dpo.chosen, ("teacher", "verifier")),
         "verifier.kind": (cfg.verifier.kind, ("rule", "learned")),

@@ -194,14 +194,22 @@ def load_model(path: str, lora: dict[str, Any] | None, seed: int):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if lora and lora.get("enabled"):
-        from peft import LoraConfig, get_peft_model
+    peft_config = lora_config(lora)
+    if peft_config is not None:
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(model, peft_config)
     return model
+
+
+def lora_config(lora: dict[str, Any] | None):
+    """The `peft.LoraConfig` of `model.lora` (None when LoRA is off): one definition for training and saving."""
+    if not (lora and lora.get("enabled")):
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                      target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
 
 
 def gather_state_dict(engine, zero_stage: int, rank: int) -> dict[str, Any] | None:
@@ -230,20 +238,18 @@ def save_hf(state_dict: dict[str, Any], model_path: str, lora: dict[str, Any] | 
 
     config = AutoConfig.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if lora and lora.get("enabled"):
-        from peft import LoraConfig, get_peft_model
+    peft_config = lora_config(lora)
+    if peft_config is not None:
+        from peft import get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM",
-        ))
+        model = get_peft_model(model, peft_config)
     state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     tied = {"lm_head.weight", "base_model.model.lm_head.weight"}
     if unexpected or (set(missing) - tied):
         raise R2VError(f"consolidating weights failed: missing {sorted(set(missing) - tied)[:5]}, "
                        f"unexpected {sorted(unexpected)[:5]}")
-    if lora and lora.get("enabled"):
+    if peft_config is not None:
         model = model.merge_and_unload()
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -605,4 +611,4 @@ def _log_epochs_to_mlflow(kind: str, history: list[dict[str, Any]]) -> None:
 
 
 __all__ = ["encode", "pad_batch", "token_logps", "sequence_logps", "rank_partition", "fit", "train_worker",
-           "setup_accelerator_env", "gather_state_dict", "save_hf", "load_model", "WorkerContext"]
+           "setup_accelerator_env", "gather_state_dict", "save_hf", "load_model", "lora_config", "WorkerContext"]

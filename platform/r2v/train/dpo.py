@@ -1,9 +1,10 @@
 """`train-dpo`: the paper's objective, L = L_DPO + λ_BC·NLL(chosen) + λ_cons·JSD, on build-pairs' pairs.
 
-Choice: our own DPO loss in the same Ray Train + DeepSpeed loop as BC (r2v.train.common), not TRL's
-DPOTrainer. Reasons: one loop to make resumable and test; the consistency term needs a third forward pass
-(the chosen action under the peer perturbation) that DPOTrainer's collator does not carry; and TRL's
-reference handling under ZeRO-3 is fragile (see docs/PITFALLS). The loss is TRL's `sigmoid` DPO loss:
+Two trainers (`dpo.trainer`), one objective: `r2v` — this loss in the Ray Train + DeepSpeed loop BC's own loop uses
+(r2v.train.common), resumable mid-epoch after a driver crash too; `trl` — a `DPOTrainer` subclass running the same
+loss inside the same `TorchTrainer` (r2v.train.trl_dpo), resumable after a worker failure. Both precompute the
+reference log-probs the same way, score the same validation numbers and keep the best validation epoch.
+The loss is TRL's `sigmoid` DPO loss:
 
     L_DPO = -log σ(β [(log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x))])
 
@@ -153,6 +154,16 @@ def dpo_loss(model, features: list[dict[str, Any]], pad_id: int, device, *, beta
 
 
 # ----------------------------------------------------------------------------------------- in the loop
+def encode_example(tokenizer, ex: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """A pair's token sequences: prompt + chosen, prompt + rejected, and peer prompt + chosen (None without a peer)."""
+    peer = ex.get("peer_prompt")
+    return {
+        "chosen": encode(tokenizer, ex["prompt"], ex["chosen"], max_tokens),
+        "rejected": encode(tokenizer, ex["prompt"], ex["rejected"], max_tokens),
+        "peer": encode(tokenizer, peer, ex["chosen"], max_tokens) if peer else None,
+    }
+
+
 class DPOObjective:
     name = "dpo"
     best_metric = ("val_objective", "min")  # the saved model is the epoch with the lowest total loss on val pairs
@@ -169,12 +180,7 @@ class DPOObjective:
         self.extra_metrics: dict[str, Any] = {}
 
     def encode(self, tokenizer, ex: dict[str, Any]) -> dict[str, Any]:
-        peer = ex.get("peer_prompt")
-        return {
-            "chosen": encode(tokenizer, ex["prompt"], ex["chosen"], self.max_tokens),
-            "rejected": encode(tokenizer, ex["prompt"], ex["rejected"], self.max_tokens),
-            "peer": encode(tokenizer, peer, ex["chosen"], self.max_tokens) if peer else None,
-        }
+        return encode_example(tokenizer, ex, self.max_tokens)
 
     def prepare(self, ctx) -> None:
         """Reference log-probs of this rank's pairs from the frozen reference (ZeRO-3 partitioned if the
@@ -276,12 +282,19 @@ def run_train_dpo(cfg: R2VConfig) -> dict[str, Any]:
     if not (bc_dir / "config.json").is_file():
         raise R2VError(f"{bc_dir} is not a Hugging Face model directory: run `r2v train-bc` first")
     d = cfg.dpo
-    extra = {"beta": d.beta, "consistency_weight": d.consistency_weight, "consistency_positions": d.consistency_positions,
+    worker, train = None, pairs
+    if d.trainer == "trl":  # the pairs as one Arrow table: each rank wraps it in a datasets.Dataset
+        import pyarrow as pa
+
+        from r2v.train.trl_dpo import dpo_worker
+
+        worker, train = dpo_worker, pa.Table.from_pylist(pairs)
+    extra = {"trainer": d.trainer, "beta": d.beta, "consistency_weight": d.consistency_weight, "consistency_positions": d.consistency_positions,
              "consistency_temperature": d.consistency_temperature, "bc_weight": d.bc_weight,
              "dpo_weight": d.dpo_weight, "ref_path": str(bc_dir.resolve())}
     summary = fit(cfg, kind="dpo", objective_cls=DPOObjective, train=d.train, model_path=str(bc_dir),
-                  out_dir=exp.model("dpo"), train_examples=pairs, val_examples=val_pairs,
-                  extra=extra, data_files=files)
+                  out_dir=exp.model("dpo"), train_examples=train, val_examples=val_pairs,
+                  extra=extra, data_files=files, worker=worker)
     summary["pairs_with_peer"] = sum(1 for p in pairs if p["peer_prompt"])
     if summary.get("final_margin") is not None and not math.isfinite(summary["final_margin"]):
         raise R2VError("DPO diverged (non-finite reward margin); lower dpo.train.learning_rate")

@@ -117,7 +117,8 @@ def load_data(cfg: R2VConfig) -> tuple[SweepData, list[str]]:
 def experiment_key(cfg: R2VConfig) -> str:
     """Hash of what the trials depend on: router + search settings + the router rows on disk. A change
     starts a new Tune experiment next to the old one instead of restoring the old one."""
-    sweep = {k: v for k, v in to_dict(cfg)["sweep"].items() if k not in ("live", "live_top_k", "live_seeds", "resume")}
+    sweep = {k: v for k, v in to_dict(cfg)["sweep"].items() if k not in ("live", "live_top_k", "live_seeds", "live_threshold",
+                                                                                "resume")}
     files = sorted((p.name, p.stat().st_size) for p in Experiment(cfg).router_rows.glob("*.parquet"))
     blob = json.dumps({"router": to_dict(cfg)["router"], "sweep": sweep, "seed": cfg.seed, "rows": files},
                       sort_keys=True, default=str)
@@ -343,16 +344,20 @@ def pick_best(val, budget: float):
     return ok.sort_values(["success", "llm_call_rate", "trial_id"], ascending=[False, True, True]).iloc[0]
 
 
-def write_best(cfg: R2VConfig, row, budget: float) -> Path:
-    """best-<budget>.yaml + best-<budget>/router (the trial's router with this point's τ)."""
+def write_best(cfg: R2VConfig, row, budget: float, live: dict[str, Any] | None = None) -> Path:
+    """best-<budget>.yaml + best-<budget>/router (the trial's router with this point's τ: the live one when
+    `live` holds its search record, else the offline step quantile)."""
     from omegaconf import OmegaConf
 
     from r2v.router.model import RiskModel
 
     model = RiskModel.load(row["model_dir"])
-    model.threshold = float(row["tau"])
-    model.threshold_info = {"kind": str(row["threshold"]), "tau": float(row["tau"]), "source": "sweep",
+    model.threshold = float(live["tau"] if live else row["tau"])
+    model.threshold_info = {"kind": str(row["threshold"]), "tau": model.threshold, "source": "sweep",
                             "val_rate": float(row["llm_call_rate"])}
+    if live:
+        model.threshold_info.update(kind="budget", live_rate=live["rate"], probes=live["probes"],
+                                    calibrated_on=live["calibrated_on"])
     model_dir = model.save(Experiment(cfg).sweep_dir.resolve() / f"best-{budget:g}" / MODEL_SUBDIR)
     rcfg = router_config(cfg.router, {k: row[k] for k in ("alpha", "epsilon", "brier_weight", "label", "dual_lr",
                                                            "calibration", "threshold", "budget", "cost_ratio")},
@@ -361,13 +366,18 @@ def write_best(cfg: R2VConfig, row, budget: float) -> Path:
         "router": overrides(rcfg),
         "sweep_result": {
             "format": BEST_FORMAT, "budget": float(budget), "trial_id": str(row["trial_id"]),
-            "operating_point": str(row["operating_point"]), "model_dir": str(model_dir), "threshold": float(row["tau"]),
+            "operating_point": str(row["operating_point"]), "model_dir": str(model_dir), "threshold": model.threshold,
             "val_success_offline": float(row["success"]), "val_llm_call_rate": float(row["llm_call_rate"]),
             "estimator": ESTIMATOR, "experiment": cfg.experiment,
         },
     }
+    if live:
+        doc["sweep_result"].update(threshold_kind="live", val_llm_call_rate_live=float(live["rate"]),
+                                   calibrated_on=live["calibrated_on"])
+    how = ("τ set live on the calibration games, success an offline estimate" if live
+           else "OFFLINE ESTIMATE: τ is a step quantile, not a live rate")
     path = best_path(cfg, budget)
-    path.write_text(f"# r2v sweep: best router at LLM-call budget {budget:g} (validation, OFFLINE ESTIMATE).\n"
+    path.write_text(f"# r2v sweep: best router at LLM-call budget {budget:g} (validation; {how}).\n"
                     f"# `router:` are config overrides; `sweep_result:` says which saved router to load.\n"
                     + OmegaConf.to_yaml(OmegaConf.create(doc)))
     return path
@@ -478,10 +488,27 @@ def write_outputs(cfg: R2VConfig, frame) -> None:
     frame.to_parquet(out / "frontier.parquet", index=False)
     plot_frontier(frame, out / "frontier.png")
     val = frame[frame["source"] == "validation"]
-    for b in cfg.sweep.budgets:
-        row = pick_best(val, float(b))
-        if row is not None:
-            write_best(cfg, row, float(b))
+    best = {float(b): row for b in cfg.sweep.budgets if (row := pick_best(val, float(b))) is not None}
+    live = live_taus(cfg, best) if cfg.sweep.live_threshold else {}
+    for b, row in best.items():
+        write_best(cfg, row, b, live.get(b))
+
+
+def live_taus(cfg: R2VConfig, best: dict[float, Any]) -> dict[float, dict[str, Any]]:
+    """Each budget's best router set to escalate that budget's share of *live* steps on the calibration games,
+    all budgets in one batched search (r2v.rollout.live_budget); {budget: the search record}."""
+    from r2v.rollout.live_budget import calibrate_live
+    from r2v.router.baselines import make_router
+    from r2v.router.stage import read_router_rows, router_part, step_features
+
+    if not best:
+        return {}
+    X = step_features(router_part(cfg, read_router_rows(cfg), "calibration"))
+    routers = {f"best@{b:g}": make_router("r2v", model_dir=str(row["model_dir"]), threshold=float(row["tau"]))
+               for b, row in best.items()}
+    p_offline = {name: r.model.predict(X) for name, r in routers.items()}
+    found = calibrate_live(cfg, routers, {f"best@{b:g}": b for b in best}, p_offline)
+    return {b: found[f"best@{b:g}"] for b in best}
 
 
 def plot_frontier(frame, path: Path) -> Path:
