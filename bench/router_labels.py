@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from bench import MISSING_INPUT
 

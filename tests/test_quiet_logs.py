@@ -15,7 +15,8 @@ NOISE = ("Configuration for experiment", "View detailed results", "Started a loc
          "Creating initial MLflow", "A new study created", "Trial sweep_trial", "Traceback")
 TINY_SWEEP = ["ray.num_cpus=2", "router.hidden_sizes=[16]", "router.device=cpu", "router.epochs=2",
               "sweep.num_samples=2", "sweep.max_concurrent=2", "sweep.budgets=[0.2]", "sweep.epochs=2",
-              "sweep.grace_period=1", "sweep.cpus_per_trial=0.5", "sweep.live=false"]
+              "sweep.grace_period=1", "sweep.cpus_per_trial=0.5", "sweep.live=false",
+              "sweep.live_threshold=false"]  # synthetic router rows: no games to set a live τ on
 
 
 def r2v(*args: str) -> subprocess.CompletedProcess:

@@ -66,7 +66,12 @@ def calibration_folds(cfg: R2VConfig, router: Router) -> list[tuple[Router, list
     fit = sorted(set(router_part(cfg, rows, "fit")["task_id"]) - set(cal)) if cfg.router.fit_split == "val" else []
     if not cal:
         raise R2VError("no calibration games: collect router rows for the val split (`r2v collect-router`)")
-    return [(r, [by_id[i] for i in ids if i in by_id]) for r, ids in assign_games(router, cal, fit)]
+    missing = [i for i in cal + fit if i not in by_id]
+    if missing:
+        raise R2VError(f"the router rows name {len(missing)} val games the env does not load (e.g. {missing[0]!r}): "
+                       f"τ is set by playing them. Re-run `r2v collect-router` for this env, or set "
+                       f"sweep.live_threshold=false / router.threshold=bayes to keep τ offline")
+    return [(r, [by_id[i] for i in ids]) for r, ids in assign_games(router, cal, fit)]
 
 
 def assign_games(router: Router, calibration: list, fit: list) -> list[tuple[Router, list]]:
