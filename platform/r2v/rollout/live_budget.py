@@ -7,7 +7,7 @@ Each round of `live_budget_search` plays every router still searching on the cal
 `router.budget_seeds`, all in one collection; probes are shards keyed by the router's identity and τ, so an
 interrupted or repeated calibration (train-router, calibrate, eval) reuses them.
 
-Which val games a router plays (`calibration_folds`): a router that learned nothing from labels plays all of
+Which val games a router plays (`assign_games`): a router that learned nothing from labels plays all of
 them; a learned one (r2v, pre_execution) only the calibration games, since its rate on the games it was fitted
 on is in-sample, unless it has a cross-fitted twin (`router.cross_fit`): then the twin, fitted on the
 calibration games, routes the fit games at the same τ, and the rate pools all val games. The game is the unit
@@ -54,9 +54,9 @@ def routing_name(router: Router, tau: float) -> str:
     return f"{router.name}#{router_identity(router)}~{tau:.10g}"
 
 
-def calibration_folds(cfg: R2VConfig, router: Router) -> list[tuple[Router, list]]:
-    """(router, the val games it routes) pairs whose pooled rate is `router`'s live rate (module docstring).
-    Never the test games."""
+def calibration_games(cfg: R2VConfig) -> tuple[list, list]:
+    """The val games τ is set on: (calibration games, fit games; the latter only with router.fit_split=val).
+    Never the test games. Who routes which is `assign_games` (module docstring)."""
     from r2v.envs.registry import load_tasks
     from r2v.router.stage import read_router_rows, router_part
 
@@ -71,7 +71,7 @@ def calibration_folds(cfg: R2VConfig, router: Router) -> list[tuple[Router, list
         raise R2VError(f"the router rows name {len(missing)} val games the env does not load (e.g. {missing[0]!r}): "
                        f"τ is set by playing them. Re-run `r2v collect-router` for this env, or set "
                        f"sweep.live_threshold=false / router.threshold=bayes to keep τ offline")
-    return [(r, [by_id[i] for i in ids]) for r, ids in assign_games(router, cal, fit)]
+    return [by_id[i] for i in cal], [by_id[i] for i in fit]
 
 
 def assign_games(router: Router, calibration: list, fit: list) -> list[tuple[Router, list]]:
@@ -98,7 +98,8 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     if not budgets:
         return {}
     init_ray(cfg)
-    folds = {name: calibration_folds(cfg, router) for name, router in routers.items() if name in budgets}
+    cal, fit = calibration_games(cfg)
+    folds = {name: assign_games(routers[name], cal, fit) for name in budgets}
     seeds = list(cfg.router.budget_seeds)
     model_dir = str(Experiment(cfg).deployed_policy_dir())
     out_dir = probes_dir(cfg)

@@ -68,17 +68,12 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
     if cfg.router.cross_fit:  # the same recipe on the swapped halves: it routes the fit games while τ is set
         twin = RiskModel(val.X.shape[1], cfg.router)
         twin.fit(val, train, cfg.router, seed=cfg.seed)
-    elif (out / TWIN_DIR).exists():
-        shutil.rmtree(out / TWIN_DIR)  # a twin of an older router must not set this one's τ
     pre = make_router("pre_execution").fit(split_data(cfg, df, "fit", "episode"))
     save_router(pre, out / "pre_execution")
     p_steps = model.predict(step_features(router_part(cfg, df, "calibration")))
     apply_step_threshold(model, p_steps, cfg.router)
     if cfg.router.threshold == "budget":
         set_live_threshold(cfg, model, cfg.router.budget, p_steps, twin)
-    if twin is not None:
-        twin.threshold = model.threshold
-        twin.save(out / TWIN_DIR)
     p_val = model.predict(val.X)
     summary = {"train_rows": len(train), "val_rows": len(val), "train_positive_rate": float(train.y.mean()),
                "threshold": float(model.threshold), "temperature": float(model.temperature),
@@ -87,10 +82,21 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
                "epochs": len(history) - 1}
     if "live_rate" in model.threshold_info:
         summary["budget"], summary["calibration_call_rate"] = cfg.router.budget, model.threshold_info["live_rate"]
-    model.save(out)
+    save_risk_model(model, twin, out)
     if 0 < val.y.mean() < 1:
         summary["val_auroc"] = float(auroc(p_val, val.y))
     return summary
+
+
+def save_risk_model(model, twin, directory) -> None:
+    """The risk model, and its cross-fitted twin at the same τ in `twin/` (none: an older run's twin is removed,
+    so it can never set this model's τ)."""
+    model.save(directory)
+    if twin is not None:
+        twin.threshold = model.threshold
+        twin.save(directory / TWIN_DIR)
+    elif (directory / TWIN_DIR).exists():
+        shutil.rmtree(directory / TWIN_DIR)
 
 
 def step_features(part) -> np.ndarray:
@@ -133,9 +139,6 @@ def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = Fal
     out = {"budget": budget, "threshold": info["tau"], "calibration_call_rate": info["live_rate"],
            "calibrated_on": info["calibrated_on"], "probes": info["probes"]}
     if write:
-        model.save(saved)
-        if twin is not None:
-            twin.threshold = model.threshold
-            twin.save(saved / TWIN_DIR)
+        save_risk_model(model, twin, saved)
         out["written_to"] = str(saved)
     return out
