@@ -61,6 +61,8 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
         ("bc.rank_negatives=0", "bc.rank_negatives"),
         ("router.alpha=0", "router.alpha"),
         ("router.fit_split=train", "router.cross_fit"),
+        ("router.threshold=bayes", "router.choose_budget"),
+        ("eval.budgets=[]", "router.choose_budget"),
         ("not_an_override", "key=value"),
     ],
 )

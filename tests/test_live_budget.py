@@ -69,3 +69,17 @@ def test_a_router_without_finer_thresholds_returns_its_closest_probe():
 
     out = live_budget_search({"r": p}, {"r": 0.3}, measure, rounds=5)["r"]
     assert out["rate"] in (0.0, 0.5) and len(out["probes"]) <= 5
+
+
+def test_default_budget_is_the_smallest_that_comes_within_the_teacher_gap():
+    """router.choose_budget: among the searched budgets, the cheapest whose routed val episodes win at least the
+    teacher's success − gap; none does: None (router.budget stays)."""
+    from r2v.router.stage import chosen_budget
+
+    won = {0.45: 1.0, 0.1: 0.80, 0.3: 0.985, 0.2: 0.97, 0.6: 1.0}  # searched in any order
+    found = {f"r2v@{b:g}": {"budget": b, "success": s} for b, s in won.items()}
+    assert chosen_budget(found, 1.0, 0.02)["budget"] == 0.3
+    assert chosen_budget(found, 1.0, 0.05)["budget"] == 0.2
+    assert chosen_budget(found, 1.0, 0.0)["budget"] == 0.45
+    assert chosen_budget(found, 0.81, 0.02)["budget"] == 0.1  # a weaker teacher is reached sooner
+    assert chosen_budget({k: v for k, v in found.items() if v["budget"] < 0.3}, 1.0, 0.02) is None

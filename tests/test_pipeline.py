@@ -166,6 +166,9 @@ def test_dry_run_on_the_quickstart_graph(tmp_path, monkeypatch, capsys):
     assert all(got[s] == ("skip", "up to date") for s in names[:at])
     assert got["train-bc"] == ("run", "config section bc changed")
     assert all(got[s][0] == "run" and got[s][1].startswith("upstream ") for s in names[at + 1:]), got
+    got = dry("eval.budgets=[0.2,0.4]")  # train-router reads this one key of eval (it picks the default budget)
+    assert got["train-router"] == ("run", "config section eval.budgets changed") and got["sweep"][0] == "skip"
+    assert got["eval"] == ("run", "config section eval changed")
     import ray
 
     assert not ray.is_initialized()  # a dry run starts nothing

@@ -36,6 +36,7 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
     budgeted = {f"{m}@0.5" for m in cfg.eval.budget_methods}  # each router at each budget of live calls, live
     frontier = results.pop("frontier")  # per-router summaries of the matched-budget curves
     selection = results.pop("slm_selection")  # select-policy: BC vs DPO on the validation games, the deployed one
+    choice = results.pop("budget_choice")  # router.choose_budget: eval.budgets tried on the val games
     assert selection["selected"] in ("bc", "dpo") and set(selection["candidates"]) == {"bc", "dpo"}
     assert set(results) == set(cfg.eval.methods) | budgeted and set(frontier) == set(cfg.eval.budget_methods)
     assert 0.2 < results["random@0.5"]["llm_call_rate"] < 0.8
@@ -57,6 +58,9 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
     router_json = json.loads((exp / "models" / "router" / "router.json").read_text())
     info = router_json["threshold_info"]
     assert info["kind"] == "budget" and 0.0 <= info["live_rate"] <= 1.0 and info["probes"]
+    assert info["budget_choice"] == choice and choice["teacher_success"] == 1.0  # the oracle teacher, played
+    assert [c["budget"] for c in choice["candidates"]] == [0.5]
+    assert info["budget"] == (cfg.router.budget if choice["chosen"] is None else choice["chosen"])
     assert run_calibrate(cfg)["threshold"] == pytest.approx(router_json["threshold"])  # probes are reused
     for name in budgeted:  # each budgeted method reports its target and the rate its calibration games gave
         assert results[name]["budget"] == 0.5 and 0.0 <= results[name]["calibration_call_rate"] <= 1.0, name

@@ -131,6 +131,20 @@ def test_report_shows_both_slm_numbers_and_the_choice(tmp_path):
     assert "slm_selection" not in json.loads((tmp_path / "results.json").read_text())
 
 
+def test_report_shows_how_the_default_budget_was_chosen(tmp_path):
+    """router.choose_budget's record (router.json's threshold_info) goes to results.json and a results.md table."""
+    choice = {"rule": "smallest of eval.budgets with val success >= teacher - 0.02", "teacher_success": 1.0,
+              "chosen": 0.3, "candidates": [{"budget": b, "tau": t, "rate": r, "success": s} for b, t, r, s in
+                                            ((0.3, 0.41, 0.277, 0.986), (0.1, 0.7, 0.108, 0.778))]}
+    write_results(_results(_steps()), tmp_path, "with choice", budget_choice=choice)
+    assert json.loads((tmp_path / "results.json").read_text())["budget_choice"] == choice
+    md = (tmp_path / "results.md").read_text()
+    assert "## Default budget" in md and "chosen: 0.3" in md
+    assert md.index("| 0.1 | 0.7 | 0.108 | 0.778 |  |") < md.index("| 0.3 | 0.41 | 0.277 | 0.986 | **yes** |")
+    write_results(_results(_steps()), tmp_path, "without")
+    assert "budget_choice" not in json.loads((tmp_path / "results.json").read_text())
+
+
 def test_benchmark_reported_apart(tmp_path):
     """eval.benchmark's summary goes to results.json's `benchmark` and its own results.md table, with per-task CIs,
     and does not touch the held-out methods or the frontier."""

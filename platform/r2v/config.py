@@ -279,6 +279,10 @@ class RouterConfig:
     learning_rate: float = 1e-3
     threshold: str = "budget"  # bayes | budget | cvar
     budget: float = 0.3  # target share of *live* routed steps the teacher acts on, when threshold=budget
+    # choose_budget: train-router sets `budget` itself, on the val games: the smallest of `eval.budgets` at which
+    # R2V's routed episodes win at least the teacher's val success − budget_gap (none does: `budget` stays)
+    choose_budget: bool = False
+    budget_gap: float = 0.02
     budget_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # seeds of the routed calibration episodes
     budget_rounds: int = 4  # routed-collection rounds of the live budget search (each plays the calibration games)
     kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
@@ -676,6 +680,10 @@ def validate(cfg: R2VConfig) -> None:
         raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
     if not 0 <= cfg.router.budget <= 1:
         raise ConfigError(f"`router.budget` = {cfg.router.budget} must be in [0, 1]")
+    if cfg.router.choose_budget and (cfg.router.threshold != "budget" or not cfg.eval.budgets):
+        raise ConfigError(f"`router.choose_budget=true` picks one of `eval.budgets` (= {list(cfg.eval.budgets)}) "
+                          f"as the live budget: it needs router.threshold=budget (= {cfg.router.threshold!r}) and "
+                          f"at least one eval budget")
     if cfg.router.cross_fit and cfg.router.fit_split != "val":
         raise ConfigError("`router.cross_fit=true` needs `router.fit_split=val`: the twin swaps the val tasks' fit and "
                           "calibration halves (with fit_split=train the router fits on the SLM's own training tasks)")

@@ -29,7 +29,7 @@ from r2v.experiment import Experiment
 class Stage:
     name: str
     target: str  # "module:function"
-    reads: tuple[str, ...]  # config sections whose change invalidates the stage
+    reads: tuple[str, ...]  # config sections (or dotted keys) whose change invalidates the stage
     upstream: tuple[str, ...]  # stages whose products it reads: a re-run of any of them invalidates it
     products: str  # what it writes under runs/<exp>/ (documentation)
 
@@ -60,7 +60,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("collect-router", "r2v.rollout.router_rows:run_collect_router", COMMON + ("policy", "verifier", "teacher", "router"),
           ("tasks", "train-bc", "train-dpo", "train-verifier", "select-policy"),
           "rollouts/slm-router/, branches, router/*.parquet"),
-    Stage("train-router", "r2v.router.stage:run_train_router", COMMON + ("policy", "verifier", "teacher", "router"),
+    # eval.budgets: router.choose_budget picks the default budget among them
+    Stage("train-router", "r2v.router.stage:run_train_router",
+          COMMON + ("policy", "verifier", "teacher", "router", "eval.budgets"),
           ("collect-router", "select-policy"), "models/router/, rollouts/budget-calibration/ (routed probes that set τ)"),
     Stage("sweep", "r2v.tune.sweep:run_sweep", COMMON + ("policy", "verifier", "teacher", "router", "sweep"),
           ("collect-router", "train-bc", "train-dpo", "select-policy"), "sweep/frontier.parquet, best-*.yaml (τ set live)"),
@@ -115,8 +117,16 @@ def _digest(obj: Any) -> str:
 
 
 def section_hashes(cfg: R2VConfig) -> dict[str, str]:
-    """A hash per top-level config section (one `to_dict`, the slow part, for all of them)."""
-    return {name: _digest(value) for name, value in to_dict(cfg).items()}
+    """A hash per top-level config section, and per dotted key a stage reads alone (`eval.budgets`); one
+    `to_dict`, the slow part, for all of them."""
+    tree = to_dict(cfg)
+    hashes = {name: _digest(value) for name, value in tree.items()}
+    for key in {r for stage in STAGES for r in stage.reads if "." in r}:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        hashes[key] = _digest(node)
+    return hashes
 
 
 def content_digest(paths: list[Path]) -> str:

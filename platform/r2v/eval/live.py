@@ -21,6 +21,7 @@ from r2v.data import ShardStore
 from r2v.errors import R2VError
 from r2v.experiment import Experiment
 from r2v.router.baselines import Router
+from r2v.router.stage import default_budget
 
 
 def feature_rows(df) -> list[dict[str, float]]:
@@ -57,7 +58,7 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     """Every method of `eval.methods` and every `R@B` of `eval.budget_methods` × `eval.budgets`. A thresholded
     method is set to a budget of *live* LLM calls per step by routed episodes on the calibration games (one
     batched search for all of them): `r2v` keeps the threshold train-router stored, the other plain
-    thresholded baselines get `router.budget`; fixed routers and OWN_RULE baselines keep their own rule.
+    thresholded baselines get r2v's budget (`default_budget`); fixed routers and OWN_RULE baselines keep their own rule.
     Returns (routers, notes: threshold, target budget and the calibration-game rate per method)."""
     from r2v.rollout.live_budget import calibrate_live
     from r2v.router.stage import read_router_rows, router_part
@@ -69,7 +70,7 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     for name in cfg.eval.methods:
         routers[name] = _make(cfg, name)
         if not (routers[name].fixed or name in OWN_RULE or name == "r2v"):
-            budgets[name] = cfg.router.budget
+            budgets[name] = default_budget(cfg)
     for budget in cfg.eval.budgets:
         for base in cfg.eval.budget_methods:
             name = budget_method(base, budget)

@@ -244,6 +244,29 @@ def selection_table(selection: dict[str, Any]) -> str:
             + "\n".join(lines) + "\n")
 
 
+def read_budget_choice(router_dir) -> dict[str, Any] | None:
+    """How train-router chose the default budget (router.json's threshold_info); None without that choice."""
+    meta = router_dir / "router.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text()).get("threshold_info", {}).get("budget_choice")
+
+
+def budget_choice_section(choice: dict[str, Any] | None) -> str:
+    """train-router's choice of the default budget on the val games (router.choose_budget), as results.md shows it."""
+    if not choice:
+        return ""
+    lines = ["| budget | τ | val calls/step | val success | default |", "|---|---|---|---|---|"]
+    for c in sorted(choice["candidates"], key=lambda c: c["budget"]):
+        lines.append(f"| {c['budget']:g} | {c['tau']:.4g} | {_fmt(c['rate'])} | {_fmt(c['success'])} "
+                     f"| {'**yes**' if c['budget'] == choice['chosen'] else ''} |")
+    chosen = "none reached it: router.budget kept" if choice["chosen"] is None else f"{choice['chosen']:g}"
+    return ("\n## Default budget (train-router, on the val games)\n\n"
+            f"rule: {choice['rule']} (the teacher's success on the same val games and seeds: "
+            f"{_fmt(choice['teacher_success'])}); chosen: {chosen}. The `r2v` row above is this budget's τ on the "
+            "test games.\n\n" + "\n".join(lines) + "\n")
+
+
 def benchmark_section(bench: dict[str, Any]) -> str:
     """results.md's table of the real benchmark tasks (eval/benchmark.json): its own tasks, its own CIs."""
     seeds = ", ".join(str(s) for s in bench["perturbation_seeds"])
@@ -254,11 +277,13 @@ def benchmark_section(bench: dict[str, Any]) -> str:
 
 def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=None, sweep_frontier=None,
                   n_boot: int = 1000, seed: int = 0, selection: dict[str, Any] | None = None,
-                  benchmark: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                  benchmark: dict[str, Any] | None = None, budget_choice: dict[str, Any] | None = None
+                  ) -> dict[str, dict[str, Any]]:
     """results.json, results.md and frontier.png under `out`; returns the per-router frontier summaries.
     `steps`: the eval's per-step records (for the frontier's paired bootstrap CIs); None = point estimates.
     `selection`: select-policy's decision (models/selected.json), reported beside the methods.
-    `benchmark`: the eval's summary on the real benchmark tasks (eval/benchmark.json), reported apart."""
+    `benchmark`: the eval's summary on the real benchmark tasks (eval/benchmark.json), reported apart.
+    `budget_choice`: how train-router chose the default budget on the val games (router.choose_budget)."""
     front = frontier_of(results, steps, n_boot=n_boot, seed=seed)
     doc: dict[str, Any] = {name: {k: r.get(k) for k in RESULT_KEYS}
                            | {"extra": {k: v for k, v in r.items() if k not in RESULT_KEYS}}
@@ -266,6 +291,8 @@ def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=
     doc["frontier"] = front
     if selection is not None:
         doc["slm_selection"] = selection
+    if budget_choice:
+        doc["budget_choice"] = budget_choice
     if benchmark is not None:
         doc["benchmark"] = benchmark | {"methods": {name: {k: r.get(k) for k in SUMMARY_KEYS}
                                                     for name, r in benchmark["methods"].items()}}
@@ -275,6 +302,7 @@ def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=
         + "\n## Matched LLM-call budgets\n\nsuccess [95% CI by game] @ realised live LLM calls/step on the test games "
           "(the rate the same τ gave on the calibration games)\n\n"
         + budget_table(results) + "\n## Frontier per router\n\n" + frontier_table(front)
+        + budget_choice_section(budget_choice)
         + ("" if selection is None else "\n## Deployed SLM (select-policy)\n\n" + selection_table(selection))
         + ("" if benchmark is None else benchmark_section(benchmark)))
     plot_frontier(results, out / "frontier.png", sweep_frontier)
@@ -302,7 +330,8 @@ def run_report(cfg: R2VConfig) -> dict[str, Any]:
         steps = ShardStore(exp.eval_episodes, "steps").read_pandas(columns=STEP_COLUMNS)
     write_results(results, out, f"{cfg.experiment}: live evaluation on `{cfg.eval.split}` ({cfg.env.name})",
                   steps=steps, sweep_frontier=frontier, n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed,
-                  selection=read_selection(exp.models_dir), benchmark=read_benchmark(cfg))
+                  selection=read_selection(exp.models_dir), benchmark=read_benchmark(cfg),
+                  budget_choice=read_budget_choice(exp.model("router")))
     rows = read_router_rows(cfg)
     label = LABEL_COLUMNS[cfg.router.label]
     test = rows[(rows["split"] == "test") & rows[label].notna()]

@@ -84,7 +84,8 @@ def assign_games(router: Router, calibration: list, fit: list) -> list[tuple[Rou
 def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str, float],
                    p_offline: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Set each router's threshold so that its routed episodes on the calibration games escalate
-    `budgets[name]` of their steps; returns the search record per name (τ, calibration-game rate, probes).
+    `budgets[name]` of their steps; returns the search record per name (τ, calibration-game rate and episode
+    success at τ, probes).
     `p_offline` holds each router's risks on the SLM-only calibration steps (the search's starting point)."""
     import ray
 
@@ -106,6 +107,8 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
 
+    success: dict[tuple[str, float], float] = {}  # (name, τ) -> the probe's episode success on the val games
+
     def measure(taus: dict[str, float]) -> dict[str, tuple[float, np.ndarray]]:
         policies: dict[str, list[str]] = {}
         factories, units = {}, []
@@ -120,11 +123,13 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
                 units += plan_units({"val": fold_tasks}, seeds, 1, policy)
         print(f"[budget] {len(taus)} routers, {len(units)} routed episodes on calibration games")
         collect(cfg, units, factories, out_dir, inputs=inputs)
-        df = of_units(ShardStore(out_dir, "steps").read_pandas(["task_id", "perturbation_seed", "policy", "actor",
-                                                                 "risk"]), units)  # not other seeds' probes
+        columns = ["task_id", "perturbation_seed", "policy", "actor", "risk", "episode_success"]
+        df = of_units(ShardStore(out_dir, "steps").read_pandas(columns), units)  # not other seeds' probes
         out = {}
         for name, names in policies.items():
             part = df[df["policy"].isin(names)]
+            episodes = part.groupby(["task_id", "perturbation_seed", "policy"])["episode_success"].first()
+            success[(name, float(taus[name]))] = float(episodes.mean()) if len(episodes) else float("nan")
             out[name] = (float((part["actor"] == "teacher").mean()) if len(part) else 0.0,
                          part["risk"].dropna().to_numpy(dtype=np.float64))
         return out
@@ -134,6 +139,7 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     finally:
         ray.kill(server)
     for name, rec in found.items():
+        rec["success"] = success[(name, rec["tau"])]
         routers[name].threshold, routers[name].strict = rec["tau"], False
         if routers[name].twin is not None:
             routers[name].twin.threshold, routers[name].twin.strict = rec["tau"], False

@@ -73,7 +73,7 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
     p_steps = model.predict(step_features(router_part(cfg, df, "calibration")))
     apply_step_threshold(model, p_steps, cfg.router)
     if cfg.router.threshold == "budget":
-        set_live_threshold(cfg, model, cfg.router.budget, p_steps, twin)
+        set_live_threshold(cfg, model, cfg.router.budget, p_steps, twin, choose=cfg.router.choose_budget)
     p_val = model.predict(val.X)
     summary = {"train_rows": len(train), "val_rows": len(val), "train_positive_rate": float(train.y.mean()),
                "threshold": float(model.threshold), "temperature": float(model.temperature),
@@ -81,7 +81,11 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
                "val_brier": float(brier(p_val, val.y)), "val_ece": float(ece(p_val, val.y)),
                "epochs": len(history) - 1}
     if "live_rate" in model.threshold_info:
-        summary["budget"], summary["calibration_call_rate"] = cfg.router.budget, model.threshold_info["live_rate"]
+        info = model.threshold_info
+        summary |= {"budget": info["budget"], "calibration_call_rate": info["live_rate"],
+                    "calibration_success": info["val_success"]}
+        if "budget_choice" in info:
+            summary["teacher_calibration_success"] = info["budget_choice"]["teacher_success"]
     save_risk_model(model, twin, out)
     if 0 < val.y.mean() < 1:
         summary["val_auroc"] = float(auroc(p_val, val.y))
@@ -104,20 +108,63 @@ def step_features(part) -> np.ndarray:
     return np.stack([np.asarray(v, dtype=np.float32) for v in part["features"]])
 
 
-def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray, twin=None) -> dict[str, Any]:
-    """Set a trained risk model's τ so that routed episodes on the calibration games (with a cross-fitted
-    `twin`: on all val games) escalate `budget` of their steps (see r2v.rollout.live_budget); records the
-    search in model.threshold_info."""
+def live_searches(cfg: R2VConfig, model, budgets: dict[str, float], p_steps: np.ndarray, twin=None
+                  ) -> dict[str, dict[str, Any]]:
+    """One batched live budget search (r2v.rollout.live_budget) of the risk model per named budget: routed
+    episodes on the calibration games (with a cross-fitted `twin`: on all val games)."""
     from r2v.rollout.live_budget import calibrate_live
     from r2v.router.baselines import make_router
 
-    router = make_router("r2v", model=model, twin=twin)
-    rec = calibrate_live(cfg, {"r2v": router}, {"r2v": budget}, {"r2v": p_steps})["r2v"]
+    routers = {name: make_router("r2v", model=model, twin=twin) for name in budgets}
+    return calibrate_live(cfg, routers, budgets, {name: p_steps for name in budgets})
+
+
+def chosen_budget(found: dict[str, dict[str, Any]], teacher_success: float, gap: float) -> dict[str, Any] | None:
+    """The search record of the smallest budget whose routed val episodes win ≥ the teacher's − `gap`
+    (None: no budget does)."""
+    reached = [rec for rec in found.values() if rec["success"] >= teacher_success - gap - 1e-9]
+    return min(reached, key=lambda rec: rec["budget"], default=None)
+
+
+def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray, twin=None,
+                       choose: bool = False) -> dict[str, Any]:
+    """Set a trained risk model's τ so that its routed episodes on the val games escalate `budget` of their
+    steps; records the search in model.threshold_info. `choose` (router.choose_budget) first searches every
+    one of `eval.budgets` and the teacher on the same games (budget 1: every step escalated), and takes the
+    smallest budget that comes within `router.budget_gap` of the teacher's success (none: `budget`)."""
+    choice, rec = None, None
+    if choose:
+        names = {f"r2v@{b:g}": float(b) for b in cfg.eval.budgets}
+        found = live_searches(cfg, model, names | {"teacher": 1.0}, p_steps, twin)
+        teacher = found.pop("teacher")["success"]
+        rec = chosen_budget(found, teacher, cfg.router.budget_gap)
+        choice = {"rule": f"smallest of eval.budgets with val success >= teacher - {cfg.router.budget_gap:g}",
+                  "teacher_success": teacher, "chosen": None if rec is None else rec["budget"],
+                  "candidates": [{k: r[k] for k in ("budget", "tau", "rate", "success")} for r in found.values()]}
+        if rec is None:
+            print(f"[train-router] no budget of {sorted(names.values())} reaches the teacher's val success "
+                  f"{teacher:.3f} - {cfg.router.budget_gap:g}: keeping router.budget={budget:g}")
+    if rec is None:
+        rec = live_searches(cfg, model, {"r2v": budget}, p_steps, twin)["r2v"]
     model.threshold = rec["tau"]
-    model.threshold_info = {"kind": "budget", "budget": float(budget), "tau": rec["tau"], "live_rate": rec["rate"],
-                            "offline_rate": float(np.mean(p_steps >= rec["tau"])), "probes": rec["probes"],
-                            "calibrated_on": rec["calibrated_on"]}
+    model.threshold_info = {"kind": "budget", "budget": rec["budget"], "tau": rec["tau"], "live_rate": rec["rate"],
+                            "val_success": rec["success"], "offline_rate": float(np.mean(p_steps >= rec["tau"])),
+                            "probes": rec["probes"], "calibrated_on": rec["calibrated_on"]}
+    if choice is not None:
+        model.threshold_info["budget_choice"] = choice
     return model.threshold_info
+
+
+def default_budget(cfg: R2VConfig, model=None) -> float:
+    """The live budget the deployed router was set to: `router.budget`, or with router.choose_budget the one
+    train-router chose on the val games (stored with the model; `model` saves loading it again)."""
+    if not cfg.router.choose_budget:
+        return float(cfg.router.budget)
+    if model is None:
+        from r2v.router.model import RiskModel
+
+        model = RiskModel.load(Experiment(cfg).model("router"))
+    return float(model.threshold_info.get("budget", cfg.router.budget))
 
 
 def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = False) -> dict[str, Any]:
@@ -126,11 +173,11 @@ def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = Fal
     stores the threshold in models/router so eval and serve use it."""
     from r2v.router.model import RiskModel
 
-    budget = cfg.router.budget if budget is None else budget
-    if not 0 <= budget <= 1:
-        raise R2VError(f"--budget {budget} must be a share of steps in [0, 1]")
     saved = Experiment(cfg).model("router")
     model = RiskModel.load(saved)
+    budget = default_budget(cfg, model) if budget is None else budget
+    if not 0 <= budget <= 1:
+        raise R2VError(f"--budget {budget} must be a share of steps in [0, 1]")
     twin = RiskModel.load(saved / TWIN_DIR) if (saved / TWIN_DIR).is_dir() else None
     cal = router_part(cfg, read_router_rows(cfg), "calibration")
     if cal.empty:

@@ -274,6 +274,14 @@ def dpo_examples(cfg: R2VConfig) -> tuple[list[dict[str, Any]], list[dict[str, A
 def run_train_dpo(cfg: R2VConfig) -> dict[str, Any]:
     """Pipeline stage `train-dpo`: `models/bc` (policy init and frozen reference) -> `models/dpo`."""
     from r2v.experiment import Experiment
+
+    return train_dpo(cfg, Experiment(cfg).model("dpo"))
+
+
+def train_dpo(cfg: R2VConfig, out_dir: Path) -> dict[str, Any]:
+    """DPO from the experiment's `models/bc` on its pairs, under `cfg.dpo`, into `out_dir` (the stage's
+    models/dpo, or an ablation's directory: `bench.slm_quality --ablate`)."""
+    from r2v.experiment import Experiment
     from r2v.train.common import fit
 
     pairs, val_pairs, files = dpo_examples(cfg)
@@ -293,7 +301,7 @@ def run_train_dpo(cfg: R2VConfig) -> dict[str, Any]:
              "consistency_temperature": d.consistency_temperature, "bc_weight": d.bc_weight,
              "dpo_weight": d.dpo_weight, "ref_path": str(bc_dir.resolve())}
     summary = fit(cfg, kind="dpo", objective_cls=DPOObjective, train=d.train, model_path=str(bc_dir),
-                  out_dir=exp.model("dpo"), train_examples=train, val_examples=val_pairs,
+                  out_dir=out_dir, train_examples=train, val_examples=val_pairs,
                   extra=extra, data_files=files, worker=worker)
     summary["pairs_with_peer"] = sum(1 for p in pairs if p["peer_prompt"])
     if summary.get("final_margin") is not None and not math.isfinite(summary["final_margin"]):
@@ -301,5 +309,5 @@ def run_train_dpo(cfg: R2VConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["run_train_dpo", "dpo_examples", "DPOObjective", "dpo_loss", "jsd", "consistency_per_row",
+__all__ = ["run_train_dpo", "train_dpo", "dpo_examples", "DPOObjective", "dpo_loss", "jsd", "consistency_per_row",
            "reference_logps", "policy_forward", "dpo_sigmoid_loss", "select_last"]
