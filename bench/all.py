@@ -395,7 +395,16 @@ def render_router_labels(d: dict[str, Any]) -> str:
           "MLP without the time features (step, horizon_frac, context lengths).\n\n")
     body = [[r["label"], r["variant"], r["model"], r["fit_rows"], r["test_rows"], f(r["test_positive_rate"], 2),
              f(r["auroc"]), f(r["ece"]), f(r["brier"])] for r in d["rows"]]
-    return md + table(["label", "variant", "model", "fit rows", "test rows", "positive", "AUROC", "ECE", "Brier"], body)
+    md += table(["label", "variant", "model", "fit rows", "test rows", "positive", "AUROC", "ECE", "Brier"], body)
+    cal = d.get("calibrators") or []
+    if cal:
+        md += (f"\nHow far recalibration can take ECE on unseen games: the trained router's out-of-fold logits on the "
+               f"val games ({cal[0]['rows']} steps of {cal[0]['games']} games; the model's on the calibration games, "
+               "its cross-fitted twin's on the fit games), each calibrator fitted on 5/6 of the games and scored on the "
+               "rest (6 folds × 5 repeats); the last row is the ECE a perfectly calibrated predictor shows on as many "
+               "steps (labels drawn from its own p).\n\n")
+        md += table(["calibrator", "held-out ECE", "Brier"], [[r["calibrator"], f(r["ece"]), f(r["brier"])] for r in cal])
+    return md
 
 
 def render_router_matrix(d: dict[str, Any]) -> str:
