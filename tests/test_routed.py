@@ -141,6 +141,28 @@ def test_route_scores_once_and_decides_on_that_score():
     assert not route(strict, {**feats, "entropy": 1.0}).escalate and route(strict, {**feats, "entropy": 1.01}).escalate
 
 
+def test_random_routing_of_an_episode_does_not_depend_on_what_the_worker_played_before(slm, tw_cfg, tw_tasks):
+    """Rollout workers take episodes in whatever order Ray hands them out: a random router must route an episode
+    (task, seed) the same way whatever else its worker played, at its budget's rate over many steps."""
+    def routing(order):
+        a = RoutedAgent(slm, None, make_router("random", budget=0.5, seed=7), OracleTeacher(), "logprob")
+        played = {(t.task_id, s): [r["escalated"] for r in play(tw_cfg, a, t, s)] for t, s in order}
+        return played
+
+    episodes = [(t, s) for t in tw_tasks[:3] for s in (0, 1)]
+    forward, backward = routing(episodes), routing(episodes[::-1] + episodes[:2])
+    assert forward == {k: backward[k] for k in forward}
+    router = make_router("random", budget=0.3, seed=7)
+    feats = dict.fromkeys(FEATURE_NAMES, 0.0)
+    from r2v.router.baselines import STEP_KEY, step_key
+
+    draws = [router.risk({**feats, STEP_KEY: step_key("game", 0, i)}) for i in range(3000)]
+    assert draws[:5] == [router.risk({**feats, STEP_KEY: step_key("game", 0, i)}) for i in range(5)]
+    assert abs(sum(d >= 0.7 for d in draws) / 3000 - 0.3) < 0.03
+    other = make_router("random", budget=0.3, seed=8).risk({**feats, STEP_KEY: step_key("game", 0, 0)})
+    assert other != draws[0]  # the router's seed still matters
+
+
 def test_hindsight_escalates_exactly_where_the_slm_alone_would_lose(slm, tw_cfg, tw_tasks):
     """A step goes to the teacher iff the SLM alone loses from there and the teacher acts differently; with
     the oracle teacher the episode is then won; one branch per escalation plus one decides every step."""

@@ -22,7 +22,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Optional
 
 from r2v.envs.base import Env, Task
 from r2v.policies.base import Decision, StepContext
-from r2v.router.baselines import HINDSIGHT_KEY, ORACLE_KEY, Router
+from r2v.router.baselines import HINDSIGHT_KEY, ORACLE_KEY, STEP_KEY, Router, step_key
 from r2v.router.features import FeatureTracker, features_by_name
 
 
@@ -164,6 +164,8 @@ class RoutedAgent:
         def route_local(feats: dict[str, float], action: str) -> Route:
             if self.router.needs_oracle_action:
                 feats[ORACLE_KEY] = float(action != env.oracle_action())
+            if self.router.needs_step_key:
+                feats[STEP_KEY] = step_key(ctx.task.task_id, ctx.seed, ctx.step)
             if self.router.needs_lookahead:
                 feats[HINDSIGHT_KEY] = float(not self.lookahead.wins_from(ctx.task, ctx.seed, self.executed)
                                              and self._teacher_would_change(ctx, env, action))

@@ -22,6 +22,15 @@ from r2v.router.thresholds import budget_threshold, realised_rate
 ORACLE_KEY = "slm_disagrees_with_oracle"
 TWIN_DIR = "twin"  # models/router/twin: the cross-fitted twin of the risk model (router.cross_fit)
 HINDSIGHT_KEY = "slm_loses_from_here"
+STEP_KEY = "step_key"  # a number naming the step (task, perturbation seed, step): per-step draws that do not
+# depend on which worker plays which episode, or in which order
+
+
+def step_key(task_id: str, seed: int, step: int) -> float:
+    """STEP_KEY's value: 32 bits of a hash of the step's identity (exact as a float)."""
+    import hashlib
+
+    return float(int(hashlib.sha256(f"{task_id}/{seed}/{step}".encode()).hexdigest()[:8], 16))
 
 
 class Router:
@@ -32,6 +41,7 @@ class Router:
     fixed = False
     needs_oracle_action = False  # True: the caller must add features[ORACLE_KEY] from the live env
     needs_lookahead = False  # True: the caller must add features[HINDSIGHT_KEY] from a counterfactual branch
+    needs_step_key = False  # True: the caller adds features[STEP_KEY] where it knows the step (rollouts)
     learned = False  # True: fitted on the router's fit tasks, so its rate there is in-sample (see live_budget)
     twin: "Router | None" = None  # a learned router's cross-fitted twin: fitted on the calibration tasks instead
 
@@ -142,7 +152,11 @@ class LLMOnlyRouter(Router):
 
 @register("random")
 class RandomRouter(Router):
-    """Escalates each step with probability `budget` (seeded): the matched-budget floor."""
+    """Escalates each step with probability `budget` (seeded): the matched-budget floor. In rollouts the draw is
+    a function of the router's seed and the step (STEP_KEY), so an episode routes the same whichever worker plays
+    it; without a key (Serve) it comes from the router's own stream."""
+
+    needs_step_key = True
 
     def __init__(self, budget: float = 0.3, seed: int = 0):
         if not 0 <= budget <= 1:
@@ -152,7 +166,8 @@ class RandomRouter(Router):
         self.rng = np.random.default_rng(self.seed)
 
     def risk(self, features: dict[str, float]) -> float:
-        return float(self.rng.random())  # uniform in [0, 1): P(u ≥ 1 − budget) = budget
+        key = features.get(STEP_KEY)  # uniform in [0, 1): P(u ≥ 1 − budget) = budget
+        return float(self.rng.random() if key is None else np.random.default_rng([self.seed, int(key)]).random())
 
     def calibrate(self, rows, budget, episode_ids=None):
         """The budget *is* the parameter: no validation scores needed."""
