@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         _add_verbose(p)
         if name == "calibrate":
-            p.add_argument("--budget", type=float, help="target LLM calls per step (default: router.budget, or the one train-router chose with router.choose_budget)")
+            p.add_argument("--budget", type=float, help="target LLM calls per step (default: router.budget, or the "
+                           "one train-router chose with router.choose_budget)")
             p.add_argument("--write", action="store_true", help="store the threshold in models/router")
         if name == "submit":
             p.add_argument("--address", help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS)")

@@ -58,7 +58,8 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     """Every method of `eval.methods` and every `R@B` of `eval.budget_methods` × `eval.budgets`. A thresholded
     method is set to a budget of *live* LLM calls per step by routed episodes on the calibration games (one
     batched search for all of them): `r2v` keeps the threshold train-router stored, the other plain
-    thresholded baselines get r2v's budget (`default_budget`); fixed routers and OWN_RULE baselines keep their own rule.
+    thresholded baselines get r2v's budget (`default_budget`); fixed routers and OWN_RULE baselines keep their
+    own rule.
     Returns (routers, notes: threshold, target budget and the calibration-game rate per method)."""
     from r2v.rollout.live_budget import calibrate_live
     from r2v.router.stage import read_router_rows, router_part
