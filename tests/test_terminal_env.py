@@ -342,15 +342,19 @@ class TestStepContract:
             env.step("true")
         env.close()
 
-    def test_tests_are_hidden_until_submit(self, env, tasks):
+    def test_tests_are_hidden_until_submit(self, tasks):
+        cfg = _cfg()
+        cfg.sandbox = SandboxConfig(wall_seconds=60)  # the search must finish, even on a loaded CI box
+        env = TerminalEnv.from_config(cfg)
         obs = env.reset(tasks["fix-python-bug"])
         assert "stats.py" in obs.text
         # the whole tree but /proc and the host's read-only /usr (a full walk can pass the 10 s step limit on a
         # loaded CI box, and a killed find proves nothing); the search must finish for its silence to count
         res = env.step("ls -A /app; ls /tests /setup; "
                        "find / \\( -path /proc -o -path /usr \\) -prune -o -name test_outputs.py -print 2>/dev/null")
-        assert "test_outputs" not in res.observation.text and "check_stats.py" in res.observation.text
         assert not res.info["timed_out"], res.observation.text
+        assert "test_outputs" not in res.observation.text and "check_stats.py" in res.observation.text
+        env.close()
 
     def test_shell_state_persists_across_steps(self, env, tasks):
         obs = env.reset(tasks["hello-file"])

@@ -327,8 +327,11 @@ class Sandbox:
 
 
 # ---------------------------------------------------------------------------------------------- persistent shell
-_REAP = ("for __r2v_i in 1 2 3 4 5 6 7 8 9 10; do builtin kill -9 -1 2>/dev/null || break; done; "
-         "builtin wait 2>/dev/null")  # every process but the shell (and the namespace's init) dies
+# every process but the shell (and the namespace's init) dies; the step's jobs are disowned first, so bash never
+# announces their deaths ("line 3: 3 Killed  sleep 30") in the next step's output
+_REAP = ("builtin disown -a 2>/dev/null; "
+         "for __r2v_i in 1 2 3 4 5 6 7 8 9 10; do builtin kill -9 -1 2>/dev/null || break; done; "
+         "builtin wait 2>/dev/null")
 _GRACE_S = 1.0  # after killing a timed-out command's processes, how long the shell has to report back
 
 
