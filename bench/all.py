@@ -447,6 +447,9 @@ def machine_md(m: dict[str, Any]) -> str:
     return table(["item", "value"], rows, "ll")
 
 
+CARRIED = "carried over from the previous version of this page._"
+
+
 def previous_sections(path: Path) -> dict[str, str]:
     """The body under each `## title` of the results page as it stands (empty when there is none)."""
     if not path.is_file():
@@ -490,12 +493,9 @@ def write_doc(path: Path, machine: dict[str, Any], runs: list[dict[str, Any]], c
         if data is None and r["status"] != "ok" and before.get(b.title, "").strip() and \
                 not before[b.title].startswith("No numbers"):
             # not run here and no JSON (a fresh clone has no runs/bench/): the page's own section stays, as measured
-            note = (f"_Not re-measured ({r['status']} in this run, no `{b.out}` here): carried over from the "
-                    "previous version of this page._")
-            body = before[b.title]
-            if body.startswith(note.split(":")[0][:16]) and "carried over" in body.split("\n", 1)[0]:
-                body = body.split("\n", 1)[1].lstrip("\n")  # carried twice: one note
-            md += [note + "\n", body]
+            first, _, rest = before[b.title].partition("\n")
+            body = rest.lstrip("\n") if first.endswith(CARRIED) else before[b.title]  # carried twice: one note
+            md += [f"_Not re-measured ({r['status']} in this run, no `{b.out}` here): {CARRIED}\n", body]
             continue
         if r["status"] == "ok":
             md.append(f"_`{r['command']}` · measured {r['started_at']} · load average at start "

@@ -82,8 +82,8 @@ def calibrators(cfg, df, folds: int = 6, repeats: int = 5) -> list[dict[str, Any
     from r2v.eval.metrics import brier, ece
     from r2v.experiment import Experiment
     from r2v.router.baselines import TWIN_DIR
-    from r2v.router.model import RiskModel, fit_platt, fit_temperature
-    from r2v.router.stage import router_part, split_data
+    from r2v.router.model import RiskModel, RouterData, fit_platt, fit_temperature
+    from r2v.router.stage import router_part
 
     saved = Experiment(cfg).model("router")
     if not (saved / "router.json").is_file():
@@ -93,8 +93,9 @@ def calibrators(cfg, df, folds: int = 6, repeats: int = 5) -> list[dict[str, Any
         parts.append((RiskModel.load(saved / TWIN_DIR), "fit"))
     z, y, games = [], [], []
     for model, part in parts:
-        data = split_data(cfg, df, part)
-        task_of = dict(zip(router_part(cfg, df, part)["episode_id"], router_part(cfg, df, part)["task_id"]))
+        frame = router_part(cfg, df, part)
+        data = RouterData.from_frame(frame, cfg.router.label, source=f"router rows ({part})")
+        task_of = dict(zip(frame["episode_id"], frame["task_id"]))
         z.append(model.logits(data.X))
         y.append(data.y)
         games += [task_of[e] for e in data.episode]

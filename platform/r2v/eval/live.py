@@ -21,7 +21,6 @@ from r2v.data import ShardStore
 from r2v.errors import R2VError
 from r2v.experiment import Experiment
 from r2v.router.baselines import Router
-from r2v.router.stage import default_budget
 
 
 def feature_rows(df) -> list[dict[str, float]]:
@@ -62,7 +61,7 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     own rule.
     Returns (routers, notes: threshold, target budget and the calibration-game rate per method)."""
     from r2v.rollout.live_budget import calibrate_live
-    from r2v.router.stage import read_router_rows, router_part
+    from r2v.router.stage import default_budget, read_router_rows, router_part
 
     val = router_part(cfg, read_router_rows(cfg), "calibration")
     val_feats, val_eps = feature_rows(val), list(val["episode_id"])
@@ -70,8 +69,9 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     budgets: dict[str, float] = {}
     for name in cfg.eval.methods:
         routers[name] = _make(cfg, name)
-        if not (routers[name].fixed or name in OWN_RULE or name == "r2v"):
-            budgets[name] = default_budget(cfg)
+    plain = [n for n in cfg.eval.methods if not (routers[n].fixed or n in OWN_RULE or n == "r2v")]
+    if plain:
+        budgets |= dict.fromkeys(plain, default_budget(cfg))
     for budget in cfg.eval.budgets:
         for base in cfg.eval.budget_methods:
             name = budget_method(base, budget)

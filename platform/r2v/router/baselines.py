@@ -8,6 +8,7 @@ validation rows with the same `budget_threshold` as r2v, so methods are compared
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,8 +29,6 @@ STEP_KEY = "step_key"  # a number naming the step (task, perturbation seed, step
 
 def step_key(task_id: str, seed: int, step: int) -> float:
     """STEP_KEY's value: 32 bits of a hash of the step's identity (exact as a float)."""
-    import hashlib
-
     return float(int(hashlib.sha256(f"{task_id}/{seed}/{step}".encode()).hexdigest()[:8], 16))
 
 

@@ -132,9 +132,11 @@ def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray
     steps; records the search in model.threshold_info. `choose` (router.choose_budget) first searches every
     one of `eval.budgets` and the teacher on the same games (budget 1: every step escalated), and takes the
     smallest budget that comes within `router.budget_gap` of the teacher's success (none: `budget`)."""
+    from r2v.eval.live import budget_method
+
     choice, rec = None, None
     if choose:
-        names = {f"r2v@{b:g}": float(b) for b in cfg.eval.budgets}
+        names = {budget_method("r2v", b): float(b) for b in cfg.eval.budgets}
         found = live_searches(cfg, model, names | {"teacher": 1.0}, p_steps, twin)
         teacher = found.pop("teacher")["success"]
         rec = chosen_budget(found, teacher, cfg.router.budget_gap)
