@@ -40,6 +40,16 @@ def test_choose_prefers_more_wins_and_bc_on_a_tie():
     assert selection.choose({"dpo": {"wins": 0, "episodes": 10}}) == "dpo"
 
 
+def test_dpo_must_beat_bc_by_more_than_min_gain():
+    """The quickstart's own validation numbers (BC 77, DPO 80 of 180 episodes): +0.017 is not worth deploying."""
+    close = {"bc": {"wins": 77, "episodes": 180}, "dpo": {"wins": 80, "episodes": 180}}
+    assert selection.choose(close, min_gain=0.0) == "dpo"
+    assert selection.choose(close, min_gain=0.05) == "bc"
+    clear = {"bc": {"wins": 77, "episodes": 180}, "dpo": {"wins": 90, "episodes": 180}}
+    assert selection.choose(clear, min_gain=0.05) == "dpo"
+    assert selection.choose({"dpo": {"wins": 0, "episodes": 10}}, min_gain=0.05) == "dpo"  # nothing to prefer
+
+
 @pytest.mark.parametrize("winner", ["dpo", "bc"])
 def test_selection_deploys_the_candidate_the_env_says_wins_more(ray_local, cfg, monkeypatch, winner):
     """Stand-ins for the two SLMs that differ for sure: the oracle teacher plays the `winner`'s directory,

@@ -167,3 +167,24 @@ def test_batcher_survives_a_caller_that_left(tiny_dir, tw_cfg, tw_tasks):
     assert gone.cancel()
     assert kept.result(timeout=60).action
     assert batcher.act(ctxs[1:])[0].action == kept.result().action
+
+
+def test_batch_invariant_scores_do_not_depend_on_company(tiny_dir, tw_cfg, tw_tasks):
+    """`policy.batch_invariant`: a state's numbers are bit-identical whichever states share its call, which is
+    what makes a re-run of a pipeline bit-identical (plain batching moves them by ~1e-5)."""
+    env = make_env(tw_cfg)
+    ctxs = contexts(tw_cfg, tw_tasks, 4)
+    ctxs.append(StepContext(tw_tasks[0], env.reset(tw_tasks[0], seed=1), [("go north", "x " * 40)] * 3, 3, 30))
+
+    def numbers(policy, batch):
+        return [(d.action, d.entropy, [(c.text, c.logprob, c.mean_logprob) for c in d.candidates])
+                for d in policy.act(batch)]
+
+    cfg = ModelConfig(max_context_tokens=256)
+    plain = SLMPolicy(tiny_dir, cfg, PolicyConfig(mode="rank", num_candidates=8))
+    alone = [numbers(plain, [c])[0] for c in ctxs]
+    assert numbers(plain, ctxs) != alone  # the hazard is real on this model: company moves the last bits
+    invariant = SLMPolicy(tiny_dir, cfg, PolicyConfig(mode="rank", num_candidates=8, batch_invariant=True))
+    assert numbers(invariant, ctxs) == alone
+    assert numbers(invariant, ctxs[::-1]) == alone[::-1]
+    assert numbers(invariant, ctxs[1:3]) == alone[1:3]

@@ -29,7 +29,7 @@ STAGE_HELP = {
     "build-pairs": "verifier-ranked preference pairs from the BC policy under perturbations",
     "train-dpo": "DPO + consistency (JSD) regularisation (Ray Train + DeepSpeed, TRL)",
     "train-verifier": "train the learned process verifier",
-    "select-policy": "play BC and DPO alone on the validation games; deploy the one that wins more",
+    "select-policy": "play BC and DPO alone on the validation games; deploy DPO only if it wins clearly more",
     "collect-router": "SLM rollouts under many seeds + counterfactual branches -> router rows",
     "train-router": "train the calibrated CVaR router (dual ascent, temperature scaling)",
     "sweep": "Ray Tune sweep over router hyper-parameters and budgets -> Pareto frontier",

@@ -146,6 +146,10 @@ class PolicyConfig:
     goal_chars: int = 1200
     rank_temperature: float = 0.0  # rank mode: 0 = greedy; > 0 samples among the top K (seeded by the state)
     select: str = "verifier"  # the SLM's proposal: the verifier's best candidate, or `logprob` (the likeliest)
+    # true: each state is scored in its own forward, so its numbers do not depend on which states happened to share
+    # a batch (a state's log-probs move by ~1e-5 with its company) and a re-run is bit-identical; costs the
+    # cross-state batching (on CPU 1.04x at c16, bench.serve_latency; on a GPU it pays)
+    batch_invariant: bool = False
 
 
 @dataclass
@@ -242,12 +246,16 @@ class DPOConfig:
 @dataclass
 class SelectionConfig:
     """`select-policy`: the SLM the router, eval and Serve use is whichever of BC/DPO wins more validation-game
-    episodes, played live and alone (r2v.rollout.selection). Test games are never played for it."""
+    episodes, played live and alone (r2v.rollout.selection), DPO only by more than `min_gain`. Test games are
+    never played for it."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # perturbation seeds of the perturbed episodes
     # clean episodes (all perturbation rates 0): TextWorld games and rank-mode play are deterministic per game, so
     # one seed is the whole clean picture there; [] skips clean play
     clean_seeds: list[int] = field(default_factory=lambda: [0])
+    # DPO is deployed only when its validation success (clean and perturbed pooled) beats BC's by more than this:
+    # issue #15's bar for "DPO improves the SLM"; below it the difference is within a few dozen games' noise
+    min_gain: float = 0.05
 
 
 @dataclass
@@ -694,6 +702,9 @@ def validate(cfg: R2VConfig) -> None:
     if not cfg.selection.seeds and not cfg.selection.clean_seeds:
         raise ConfigError("`selection.seeds` and `selection.clean_seeds` are both empty: select-policy would play "
                           "no episode; give at least one seed (e.g. selection.seeds=[0,1,2,3])")
+    if not 0 <= cfg.selection.min_gain < 1:
+        raise ConfigError(f"`selection.min_gain` = {cfg.selection.min_gain}: a success difference in [0, 1) "
+                          "(0: DPO is deployed whenever it wins more validation episodes than BC)")
     if cfg.policy.num_candidates < 1:
         raise ConfigError("`policy.num_candidates` must be at least 1")
 

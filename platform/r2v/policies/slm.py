@@ -199,6 +199,8 @@ class SLMPolicy:
 
     # -- acting ---------------------------------------------------------------------------------------
     def act(self, ctxs: list[StepContext]) -> list[Decision]:
+        if self.cfg.batch_invariant and len(ctxs) > 1:  # one forward per state: its scores never see its company
+            return [d for ctx in ctxs for d in self.act([ctx])]
         ranked = [i for i, c in enumerate(ctxs) if self.cfg.mode == "rank" and c.observation.admissible]
         generated = [i for i in range(len(ctxs)) if i not in set(ranked)]
         decisions: dict[int, Decision] = {}

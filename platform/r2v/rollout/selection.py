@@ -4,9 +4,9 @@ DPO can leave the policy worse than its BC reference on unseen games (docs/archi
 so the pipeline does not assume the later stage is the better one. Each candidate plays every *validation*
 game alone (router `slm_only`, no teacher, proposal = `policy.select`), clean under `selection.clean_seeds`
 and under the configured perturbations under `selection.seeds`, both conditions on one pool of env workers
-per candidate; the candidate whose episodes the environment
-says won more often is deployed, a tie goes to BC (the simpler model, DPO's own reference). Test games are
-never played here. The decision and both candidates' numbers go to `models/selected.json`
+per candidate. BC (the simpler model, DPO's own reference) is deployed unless DPO's episodes win more often by
+more than `selection.min_gain` (success, clean and perturbed pooled, as the environment reports it): a gain within
+the noise of a few dozen games is no reason to deploy the extra stage. Test games are never played here. The decision and both candidates' numbers go to `models/selected.json`
 (`Experiment.selection_file`), which `r2v.experiment.deployed_policy_dir` reads.
 
 `play_slm_alone` is also what `bench.slm_quality` measures with.
@@ -90,14 +90,15 @@ def outcome(episodes, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
             "success_ci": ci}
 
 
-def choose(results: dict[str, dict[str, Any]]) -> str:
-    """The candidate with the higher validation success over all its episodes (clean and perturbed pooled);
-    on a tie the first in CANDIDATES (BC)."""
+def choose(results: dict[str, dict[str, Any]], min_gain: float = 0.0) -> str:
+    """The candidate with the highest validation success over all its episodes (clean and perturbed pooled),
+    where every candidate after the first in CANDIDATES order (BC) must beat it by more than `min_gain`."""
     if not results:
         raise R2VError("select-policy: no candidate to choose from")
     order = [c for c in CANDIDATES if c in results] + sorted(set(results) - set(CANDIDATES))
     rate = {c: results[c]["wins"] / max(1, results[c]["episodes"]) for c in order}
-    return max(order, key=lambda c: (rate[c], -order.index(c)))
+    margin = {c: 0.0 if i == 0 else min_gain for i, c in enumerate(order)}
+    return max(order, key=lambda c: (rate[c] - margin[c], -order.index(c)))  # a tie goes to the earlier
 
 
 def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
@@ -121,10 +122,11 @@ def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
         per = {c: outcome(episodes[episodes["condition"] == c], seed=cfg.seed) for c in plays}
         results[stage] = {**outcome(episodes, seed=cfg.seed), **per, "model_dir": str(exp.model(stage)),
                           "fingerprint": fingerprint_dir(exp.model(stage))}
-    selected = choose(results)
+    selected = choose(results, cfg.selection.min_gain)
     doc = {"selected": selected, "model_dir": str(exp.model(selected)), "split": "val",
            "games": len(tasks["val"]), "seeds": plays.get("perturbed", []), "clean_seeds": plays.get("clean", []),
-           "rule": "higher validation success, SLM alone, clean and perturbed episodes pooled; tie -> bc",
+           "rule": ("higher validation success, SLM alone, clean and perturbed episodes pooled; dpo must beat bc by "
+                    f"more than {cfg.selection.min_gain:g}"), "min_gain": cfg.selection.min_gain,
            "candidates": results}
     path = exp.selection_file
     path.parent.mkdir(parents=True, exist_ok=True)
