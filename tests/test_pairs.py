@@ -1,6 +1,7 @@
 """Preference pairs from probe rows: chosen = the teacher's action (else the verifier's best), rejected = the
 SLM's most likely wrong candidates, consistency peers = the same state (task + action prefix) under another seed."""
 import pandas as pd
+import pytest
 
 from r2v.config import R2VConfig
 from r2v.rollout.pairs import pairs_from_probes
@@ -74,3 +75,55 @@ def test_consistency_peers_are_the_same_state_not_the_same_step():
     assert peers[(3, 0)][0] == 1 and peers[(2, 1)][0] == 3  # seed 2's step 1 is the start state too
     assert peers[(1, 1)] == (2, pairs[(2, 2)]["prompt"])  # the hall: seed 2's step 2, not its step 1
     assert "hall seed 2" in peers[(1, 1)][1] and peers[(2, 2)][0] == 3 and peers[(3, 1)][0] == 1
+
+
+def test_both_probes_at_one_state_give_its_pairs_once():
+    """`dpo.pair_states=both`: the teacher's and the SLM's probe episodes share their opening state; its pairs
+    come once, while the states only the SLM reaches add their own (labelled by the teacher's action there)."""
+    cfg = R2VConfig()
+    c = [("take key", -0.5, 0.9), ("look", -0.1, 0.1)]
+    rows = pd.DataFrame([
+        {**probe("t1", 0, 1, c, action="go north", prefix=[]), "policy": "pair-probe"},
+        {**probe("t1", 0, 1, c, action="look", actor="slm", oracle="go north", prefix=[]), "policy": "pair-probe-slm"},
+        {**probe("t1", 1, 1, c, action="look", actor="slm", oracle="go south", prefix=["look"], obs="cellar"),
+         "policy": "pair-probe-slm"},
+    ])
+    got = sorted((p["step"], p["prompt"].count("cellar"), p["chosen"], p["rejected"]) for p in pairs_from_probes(cfg, rows))
+    assert got == [(0, 0, "go north", "look"), (1, 1, "go south", "look")]
+
+
+@pytest.mark.parametrize("states", ["teacher", "slm"])
+def test_probes_execute_whose_action_pair_states_says_and_record_the_teachers(tmp_path, tw_cfg, tw_tasks, states):
+    """A real (untrained) SLM and the oracle teacher on real TextWorld games: `slm` probes play the SLM's own
+    choices (so they reach states the teacher never visits), `teacher` probes the teacher's; both record the
+    teacher's action at every state, which becomes the chosen side of the pairs."""
+    from r2v.config import ModelConfig, PolicyConfig, TinyModelConfig
+    from r2v.envs.registry import make_env
+    from r2v.policies.init_model import save_tiny_model
+    from r2v.policies.slm import SLMPolicy
+    from r2v.policies.teachers import make_teacher
+    from r2v.rollout.episode import EpisodeMeta, run_episode
+    from r2v.rollout.pairs import PairProbeAgent
+    from r2v.verifier import make_verifier
+
+    save_tiny_model([f"Goal: take the key\nObservation: room {i}\nAction: go north" for i in range(50)],
+                    TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, vocab_size=300),
+                    tmp_path / "slm", 256)
+    cfg = R2VConfig()
+    cfg.env = tw_cfg
+    slm = SLMPolicy(tmp_path / "slm", ModelConfig(max_context_tokens=256), PolicyConfig(num_candidates=4))
+    agent = PairProbeAgent(slm, make_verifier(cfg), make_teacher(cfg), states)
+    env, rows = make_env(tw_cfg), []
+    for task in tw_tasks[:3]:
+        rows += run_episode(env, agent, task, EpisodeMeta("t", "train", "pair-probe", seed=0), max_steps=6)
+    assert rows and {r["actor"] for r in rows} == {states}
+    assert all(r["oracle_action"] for r in rows)  # the teacher's action, asked at every state
+    own = [r["action"] == r["oracle_action"] for r in rows]
+    if states == "teacher":
+        assert all(own)
+    else:
+        assert not all(own)  # the untrained SLM strays from the teacher: these are its own states
+        assert all(r["action"] in [c["text"] for c in r["candidates"]] for r in rows)
+    pairs = pairs_from_probes(cfg, pd.DataFrame(rows))
+    by_state = {(r["episode_id"], r["step"]): r["oracle_action"] for r in rows}
+    assert pairs and all(p["chosen"] == by_state[(p["episode_id"], p["step"])] for p in pairs)

@@ -236,6 +236,9 @@ class DPOConfig:
     bc_weight: float = 1.0  # λ_BC: per-token NLL of the chosen action (the teacher's, with chosen=teacher)
     consistency_weight: float = 0.1  # λ_cons
     chosen: str = "teacher"  # teacher: the teacher's action at the state (else the verifier's best) | verifier
+    # whose actions the pair probes execute: teacher (the teacher's states) | slm (the BC SLM's own states, where its
+    # mistakes compound; the teacher still labels each) | both (one probe episode of each per task and seed)
+    pair_states: str = "teacher"
     negatives: int = 1  # rejected per state: the SLM's most likely wrong candidates (hard negatives)
     consistency_temperature: float = 2.0  # T
     consistency_positions: int = 5  # N last action-token positions
@@ -246,15 +249,15 @@ class DPOConfig:
 @dataclass
 class SelectionConfig:
     """`select-policy`: the SLM the router, eval and Serve use is whichever of BC/DPO wins more validation-game
-    episodes, played live and alone (r2v.rollout.selection), DPO only by more than `min_gain`. Test games are
+    episodes, played live and alone (r2v.rollout.selection), DPO only by at least `min_gain`. Test games are
     never played for it."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # perturbation seeds of the perturbed episodes
     # clean episodes (all perturbation rates 0): TextWorld games and rank-mode play are deterministic per game, so
     # one seed is the whole clean picture there; [] skips clean play
     clean_seeds: list[int] = field(default_factory=lambda: [0])
-    # DPO is deployed only when its validation success (clean and perturbed pooled) beats BC's by more than this:
-    # issue #15's bar for "DPO improves the SLM"; below it the difference is within a few dozen games' noise
+    # DPO is deployed only when its validation success (clean and perturbed pooled) beats BC's by at least this
+    # (issue #15's bar for "DPO improves the SLM"; below it the difference is within a few dozen games' noise)
     min_gain: float = 0.05
 
 
@@ -630,6 +633,7 @@ def validate(cfg: R2VConfig) -> None:
         "dpo.trainer": (cfg.dpo.trainer, TRAINERS),
         "dpo.train.lr_schedule": (cfg.dpo.train.lr_schedule, LR_SCHEDULES),
         "dpo.chosen": (cfg.dpo.chosen, ("teacher", "verifier")),
+        "dpo.pair_states": (cfg.dpo.pair_states, ("teacher", "slm", "both")),
         "verifier.kind": (cfg.verifier.kind, ("rule", "learned")),
         "router.kind": (cfg.router.kind, ROUTER_KINDS),
         "router.label": (cfg.router.label, LABELS),

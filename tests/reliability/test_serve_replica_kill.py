@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 APP = "drill"
 REQUESTS, CONCURRENCY, RETRIES = 300, 8, 4
 KILL_AFTER = 60  # completed requests before the kill: the load is well under way, most of it still to come
+RECOVERY_S = 120  # seconds Serve gets to bring the deployment back to two running replicas
 ADMISSIBLE = ["go north", "take key", "open door", "go east", "look"]
 GOAL = "Find the key and open the door."
 
@@ -182,10 +183,12 @@ def test_killing_an_slm_replica_mid_load_loses_no_request(app):
     retried = Counter(x for o in outcomes for x in o["retried_on"])
 
     # recovery: Serve brings the deployment back to two running replicas, and the app answers
-    deadline = time.time() + 45
+    # the bound is "Serve replaces it", not a latency target: a new replica imports torch and loads the SLM, which
+    # took over 45 s once on this 2-core box under a full suite's load
+    deadline = time.time() + RECOVERY_S
     while time.time() < deadline and not (slm_running_replicas() == 2 and len(slm_replicas()) == 2):
         time.sleep(0.5)
-    assert slm_running_replicas() == 2, "Serve did not replace the killed SLM replica within 45 s"
+    assert slm_running_replicas() == 2, f"Serve did not replace the killed SLM replica within {RECOVERY_S} s"
     assert victim["name"] not in {a["name"] for a in slm_replicas()}
     with httpx.Client(base_url=base, timeout=60) as c:
         r = c.post("/v1/act", json=body(10_000))

@@ -45,6 +45,7 @@ class Decision:
     escalated: bool = False
     escalation_error: str | None = None
     teacher_tokens: int = 0
+    teacher_action: str | None = None  # the teacher's choice here when it was asked but did not act (pair probes)
 
 
 class Agent(Protocol):

@@ -48,7 +48,7 @@ def run_episode(env: Env, agent: Agent, task: Task, meta: EpisodeMeta, max_steps
             "observation": obs.text, "observation_truncated": bool(obs.truncated),
             "admissible": list(obs.admissible) if obs.admissible is not None else None,
             "history": [a for a, _ in history[-history_steps:]], "action": decision.action,
-            "actor": decision.actor, "oracle_action": oracle,
+            "actor": decision.actor, "oracle_action": decision.teacher_action or oracle,
             "candidates": [c.as_row() for c in decision.candidates], "entropy": decision.entropy,
             "features": decision.features, "risk": decision.risk, "escalated": decision.escalated,
             "escalation_error": decision.escalation_error, "tool_failed": bool(last_info.get("tool_failed", False)),

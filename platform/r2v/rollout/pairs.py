@@ -1,9 +1,10 @@
-"""`build-pairs`: preference pairs from the BC policy at teacher states under perturbations.
+"""`build-pairs`: preference pairs from the BC policy at teacher states and its own states, under perturbations.
 
-For every train and val task and every seed in `dpo.perturbation_seeds`, the teacher plays the episode (so the
-states are the teacher's, under that seed's perturbations) while a probe asks the BC policy for its K
-candidates at each state and the verifier scores them; these probe episodes are ordinary step shards
-(`rollouts/pair-probes/`). At each probed state (`dpo.chosen`):
+For every train and val task and every seed in `dpo.perturbation_seeds`, a probe episode asks the BC policy for
+its K candidates at each state, the verifier scores them and the teacher says what it would do; whose action is
+executed is `dpo.pair_states`: the teacher's (`teacher`: the teacher's states), the SLM's own (`slm`: the states
+the SLM reaches itself, DAgger-style, where its compounding mistakes are), or one episode of each (`both`). These
+probe episodes are ordinary step shards (`rollouts/pair-probes/`). At each probed state (`dpo.chosen`):
 
 * chosen = the teacher's action there (`teacher`, the paper's rule: the teacher acted at every probed state),
   else the verifier's best candidate (`verifier`, or where no teacher action is recorded);
@@ -14,7 +15,8 @@ candidates at each state and the verifier scores them; these probe episodes are 
 A pair's consistency peer is the *same underlying state* under another perturbation seed: same task and
 same actions executed so far (an action whose tool call failed never reached the env, so it is not part of
 the prefix). A step index is not a state: after a failed call the teacher repeats its action, so step t of
-two seeds can be different places in the game. Pairs from val games (`split` = val) validate
+two seeds can be different places in the game. A state both probes reach under one seed with the same prompt
+(the first step, a shared opening) gives its pairs once. Pairs from val games (`split` = val) validate
 train-dpo and are never trained on.
 """
 from __future__ import annotations
@@ -30,32 +32,44 @@ from r2v.policies.prompts import prompt_chars, prompt_from_row
 
 
 class PairProbeAgent:
-    """Acts like the teacher; records the SLM's verifier-scored candidates at each teacher state."""
+    """Records the SLM's verifier-scored candidates and the teacher's action at each state; the teacher's action is
+    executed (`states=teacher`: the teacher's states) or the SLM's own (`slm`: the states the SLM reaches itself,
+    DAgger-style, where its compounding mistakes are)."""
 
     name = "pair-probe"
 
-    def __init__(self, slm, verifier, teacher):
-        self.slm, self.verifier, self.teacher = slm, verifier, teacher
+    def __init__(self, slm, verifier, teacher, states: str = "teacher"):
+        self.slm, self.verifier, self.teacher, self.states = slm, verifier, teacher, states
 
     def decide(self, ctx: StepContext, env: Env) -> Decision:
         from r2v.verifier.base import annotate
 
         probe = annotate(self.verifier, ctx, self.slm.act([ctx])[0])
         reply = self.teacher.act(ctx, env)
-        return Decision(action=reply.action or "", actor="teacher", candidates=probe.candidates,
-                        entropy=probe.entropy, escalation_error=reply.error, teacher_tokens=reply.tokens)
+        own = self.states == "slm"
+        return Decision(action=probe.action if own else reply.action or "", actor="slm" if own else "teacher",
+                        candidates=probe.candidates, entropy=probe.entropy, escalation_error=reply.error,
+                        teacher_tokens=reply.tokens, teacher_action=reply.action)
+
+
+PROBES = {"teacher": "pair-probe", "slm": "pair-probe-slm"}  # whose actions a probe executes -> its policy name
+
+
+def probe_policies(pair_states: str) -> dict[str, str]:
+    """{probe policy name: whose actions it executes} for `dpo.pair_states` (teacher | slm | both)."""
+    return {PROBES[s]: s for s in (PROBES if pair_states == "both" else [pair_states])}
 
 
 class PairProbeFactory:
-    def __init__(self, model_dir: str, server):
-        self.model_dir, self.server = model_dir, server
+    def __init__(self, model_dir: str, server, states: str = "teacher"):
+        self.model_dir, self.server, self.states = model_dir, server, states
 
     def __call__(self, cfg: R2VConfig) -> PairProbeAgent:
         from r2v.policies.slm import RemoteSLM
         from r2v.policies.teachers import make_teacher
         from r2v.verifier import make_verifier
 
-        return PairProbeAgent(RemoteSLM(self.server), make_verifier(cfg), make_teacher(cfg))
+        return PairProbeAgent(RemoteSLM(self.server), make_verifier(cfg), make_teacher(cfg), self.states)
 
 
 def teacher_action(row: dict[str, Any]) -> str | None:
@@ -119,25 +133,26 @@ def pairs_from_probes(cfg: R2VConfig, probes) -> list[dict[str, Any]]:
     by_state: dict[tuple[str, tuple[str, ...]], list[dict]] = {}
     for row in probes.to_dict("records"):
         by_state.setdefault(keys[(row["episode_id"], int(row["step"]))], []).append(row)
-    pairs = []
+    pairs, paired = [], set()
     for _, rows in sorted(by_state.items()):
-        rows.sort(key=lambda r: (int(r["perturbation_seed"]), int(r["step"])))
+        rows.sort(key=lambda r: (int(r["perturbation_seed"]), int(r["step"]), str(r.get("policy"))))
         first: dict[int, dict] = {}
         for r in rows:
             first.setdefault(int(r["perturbation_seed"]), r)
         order = sorted(first)
         for row in rows:
-            seed = int(row["perturbation_seed"])
+            seed, prompt = int(row["perturbation_seed"]), prompt_from_row(row, hist, **chars)
             prefs = preferences(row, d.chosen, d.negatives, d.pair_margin)
-            if prefs is None:
+            if prefs is None or (row["task_id"], seed, prompt) in paired:
                 continue
+            paired.add((row["task_id"], seed, prompt))
             chosen, source, score, rejected = prefs
             peer = first[order[(order.index(seed) + 1) % len(order)]] if len(order) > 1 else None
             for rej in rejected:
                 pairs.append({
                     "experiment": cfg.experiment, "env": row["env"], "task_id": row["task_id"],
                     "episode_id": row["episode_id"], "step": int(row["step"]), "perturbation_seed": seed,
-                    "split": row.get("split"), "prompt": prompt_from_row(row, hist, **chars), "chosen": chosen,
+                    "split": row.get("split"), "prompt": prompt, "chosen": chosen,
                     "chosen_source": source, "rejected": rej["text"], "chosen_score": score,
                     "rejected_score": rej["verifier_score"],
                     "peer_prompt": prompt_from_row(peer, hist, **chars) if peer is not None else None,
@@ -158,11 +173,13 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
     exp = Experiment(cfg)
     bc_dir = exp.model("bc")  # pairs probe the BC policy (DPO's reference), else what is deployed
     model_dir = str(bc_dir) if is_model_dir(bc_dir) else str(exp.deployed_policy_dir())
-    units = plan_units(tasks_by_split(cfg, ["train", "val"]), list(cfg.dpo.perturbation_seeds), 1, "pair-probe")
+    tasks, probes = tasks_by_split(cfg, ["train", "val"]), probe_policies(cfg.dpo.pair_states)
+    units = [u for policy in probes for u in plan_units(tasks, list(cfg.dpo.perturbation_seeds), 1, policy)]
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     try:
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
-        summary = collect(cfg, units, PairProbeFactory(model_dir, server), exp.pair_probes, inputs=inputs)
+        factories = {policy: PairProbeFactory(model_dir, server, states) for policy, states in probes.items()}
+        summary = collect(cfg, units, factories, exp.pair_probes, inputs=inputs)
     finally:
         ray.kill(server)
     probes = of_units(ShardStore(exp.pair_probes, "steps").read_pandas(), units)
@@ -175,4 +192,5 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
     with_peer = sum(p["peer_prompt"] is not None for p in pairs)
     return {"model": model_dir, "probe_episodes": summary["episodes_requested"], "probe_steps": len(probes),
             "pairs": len(pairs), "val_pairs": sum(p["split"] == "val" for p in pairs), "pairs_with_peer": with_peer,
-            "teacher_chosen": sum(p["chosen_source"] == "teacher" for p in pairs)}
+            "teacher_chosen": sum(p["chosen_source"] == "teacher" for p in pairs),
+            "slm_state_pairs": sum(f"/{PROBES['slm']}/" in p["episode_id"] for p in pairs)}

@@ -4,8 +4,8 @@ DPO can leave the policy worse than its BC reference on unseen games (docs/archi
 so the pipeline does not assume the later stage is the better one. Each candidate plays every *validation*
 game alone (router `slm_only`, no teacher, proposal = `policy.select`), clean under `selection.clean_seeds`
 and under the configured perturbations under `selection.seeds`, both conditions on one pool of env workers
-per candidate. BC (the simpler model, DPO's own reference) is deployed unless DPO's episodes win more often by
-more than `selection.min_gain` (success, clean and perturbed pooled, as the environment reports it): a gain within
+per candidate. BC (the simpler model, DPO's own reference) is deployed unless DPO's episodes win more often, by
+at least `selection.min_gain` (success, clean and perturbed pooled, as the environment reports it): a gain within
 the noise of a few dozen games is no reason to deploy the extra stage. Test games are never played here. The decision and both candidates' numbers go to `models/selected.json`
 (`Experiment.selection_file`), which `r2v.experiment.deployed_policy_dir` reads.
 
@@ -92,13 +92,16 @@ def outcome(episodes, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
 
 def choose(results: dict[str, dict[str, Any]], min_gain: float = 0.0) -> str:
     """The candidate with the highest validation success over all its episodes (clean and perturbed pooled),
-    where every candidate after the first in CANDIDATES order (BC) must beat it by more than `min_gain`."""
+    where a candidate after the first in CANDIDATES order (BC) must beat it, by at least `min_gain`; among those
+    that do, the most successful, a tie going to the earlier."""
     if not results:
         raise R2VError("select-policy: no candidate to choose from")
     order = [c for c in CANDIDATES if c in results] + sorted(set(results) - set(CANDIDATES))
     rate = {c: results[c]["wins"] / max(1, results[c]["episodes"]) for c in order}
-    margin = {c: 0.0 if i == 0 else min_gain for i, c in enumerate(order)}
-    return max(order, key=lambda c: (rate[c] - margin[c], -order.index(c)))  # a tie goes to the earlier
+    base = order[0]
+    # 1e-9: success rates are ratios of episode counts, so a gain of exactly min_gain must not hang on rounding
+    eligible = [base] + [c for c in order[1:] if rate[c] > rate[base] and rate[c] - rate[base] >= min_gain - 1e-9]
+    return max(eligible, key=lambda c: (rate[c], -order.index(c)))
 
 
 def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
@@ -125,8 +128,8 @@ def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
     selected = choose(results, cfg.selection.min_gain)
     doc = {"selected": selected, "model_dir": str(exp.model(selected)), "split": "val",
            "games": len(tasks["val"]), "seeds": plays.get("perturbed", []), "clean_seeds": plays.get("clean", []),
-           "rule": ("higher validation success, SLM alone, clean and perturbed episodes pooled; dpo must beat bc by "
-                    f"more than {cfg.selection.min_gain:g}"), "min_gain": cfg.selection.min_gain,
+           "rule": ("higher validation success, SLM alone, clean and perturbed episodes pooled; dpo must beat bc, by "
+                    f"at least {cfg.selection.min_gain:g}"), "min_gain": cfg.selection.min_gain,
            "candidates": results}
     path = exp.selection_file
     path.parent.mkdir(parents=True, exist_ok=True)
