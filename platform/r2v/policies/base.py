@@ -45,7 +45,7 @@ class Decision:
     escalated: bool = False
     escalation_error: str | None = None
     teacher_tokens: int = 0
-    teacher_action: str | None = None  # the teacher's choice here when it was asked but did not act (pair probes)
+    teacher_action: str | None = None  # the teacher's choice where it was asked but did not act (SLM-state pair probes)
 
 
 class Agent(Protocol):

@@ -49,7 +49,7 @@ class PairProbeAgent:
         own = self.states == "slm"
         return Decision(action=probe.action if own else reply.action or "", actor="slm" if own else "teacher",
                         candidates=probe.candidates, entropy=probe.entropy, escalation_error=reply.error,
-                        teacher_tokens=reply.tokens, teacher_action=reply.action)
+                        teacher_tokens=reply.tokens, teacher_action=reply.action if own else None)
 
 
 PROBES = {"teacher": "pair-probe", "slm": "pair-probe-slm"}  # whose actions a probe executes -> its policy name
@@ -173,12 +173,12 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
     exp = Experiment(cfg)
     bc_dir = exp.model("bc")  # pairs probe the BC policy (DPO's reference), else what is deployed
     model_dir = str(bc_dir) if is_model_dir(bc_dir) else str(exp.deployed_policy_dir())
-    tasks, probes = tasks_by_split(cfg, ["train", "val"]), probe_policies(cfg.dpo.pair_states)
-    units = [u for policy in probes for u in plan_units(tasks, list(cfg.dpo.perturbation_seeds), 1, policy)]
+    tasks, kinds = tasks_by_split(cfg, ["train", "val"]), probe_policies(cfg.dpo.pair_states)
+    units = [u for policy in kinds for u in plan_units(tasks, list(cfg.dpo.perturbation_seeds), 1, policy)]
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     try:
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
-        factories = {policy: PairProbeFactory(model_dir, server, states) for policy, states in probes.items()}
+        factories = {policy: PairProbeFactory(model_dir, server, states) for policy, states in kinds.items()}
         summary = collect(cfg, units, factories, exp.pair_probes, inputs=inputs)
     finally:
         ray.kill(server)
