@@ -42,7 +42,7 @@ def test_choose_prefers_more_wins_and_bc_on_a_tie():
 
 def test_dpo_must_beat_bc_by_at_least_min_gain():
     """Validation numbers the quickstart has seen (BC 77 of 180 episodes): DPO's 80 (+0.017) is not worth
-    deploying, 86 (+0.050, exactly the bar: decided by counts, not by float rounding) is."""
+    deploying, 86 (+0.050, exactly the bar, which float rounding alone could put on either side) is."""
     def with_dpo(wins):
         return {"bc": {"wins": 77, "episodes": 180}, "dpo": {"wins": wins, "episodes": 180}}
 

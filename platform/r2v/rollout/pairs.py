@@ -141,9 +141,11 @@ def pairs_from_probes(cfg: R2VConfig, probes) -> list[dict[str, Any]]:
             first.setdefault(int(r["perturbation_seed"]), r)
         order = sorted(first)
         for row in rows:
-            seed, prompt = int(row["perturbation_seed"]), prompt_from_row(row, hist, **chars)
             prefs = preferences(row, d.chosen, d.negatives, d.pair_margin)
-            if prefs is None or (row["task_id"], seed, prompt) in paired:
+            if prefs is None:
+                continue
+            seed, prompt = int(row["perturbation_seed"]), prompt_from_row(row, hist, **chars)
+            if (row["task_id"], seed, prompt) in paired:
                 continue
             paired.add((row["task_id"], seed, prompt))
             chosen, source, score, rejected = prefs

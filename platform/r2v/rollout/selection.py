@@ -6,8 +6,9 @@ game alone (router `slm_only`, no teacher, proposal = `policy.select`), clean un
 and under the configured perturbations under `selection.seeds`, both conditions on one pool of env workers
 per candidate. BC (the simpler model, DPO's own reference) is deployed unless DPO's episodes win more often, by
 at least `selection.min_gain` (success, clean and perturbed pooled, as the environment reports it): a gain within
-the noise of a few dozen games is no reason to deploy the extra stage. Test games are never played here. The decision and both candidates' numbers go to `models/selected.json`
-(`Experiment.selection_file`), which `r2v.experiment.deployed_policy_dir` reads.
+the noise of a few dozen games is no reason to deploy the extra stage. Test games are never played here. The
+decision and both candidates' numbers go to `models/selected.json` (`Experiment.selection_file`), which
+`r2v.experiment.deployed_policy_dir` reads.
 
 `play_slm_alone` is also what `bench.slm_quality` measures with.
 """
