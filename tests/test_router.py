@@ -23,7 +23,7 @@ from r2v.router.model import (LogisticRiskModel, RiskModel, RiskNet, RouterData,
                              fit_temperature, nll)
 from r2v.router.objective import (cvar, dual_update, multiplier, per_group_residual_failure, router_loss,
                                   tail_count)
-from r2v.router.thresholds import (bayes_threshold, budget_threshold, calibrate, cvar_threshold, realised_cvar,
+from r2v.router.thresholds import (above, bayes_threshold, budget_threshold, calibrate, cvar_threshold, realised_cvar,
                                    realised_rate)
 
 
@@ -502,7 +502,7 @@ def test_r2v_router_wraps_model(trained):
 
 
 def test_cross_fitted_twin_routes_only_the_games_the_router_fitted_on(trained, tmp_path):
-    from r2v.rollout.live_budget import assign_games
+    from r2v.rollout.live_budget import TwinScale, assign_games, routed_folds
 
     model, _, test, _ = trained
     cfg = RouterConfig(epochs=2, device="cpu")
@@ -514,10 +514,41 @@ def test_cross_fitted_twin_routes_only_the_games_the_router_fitted_on(trained, t
     twin.save(tmp_path / TWIN_DIR)
     r = make_router("r2v", model_dir=str(tmp_path), device="cpu")
     np.testing.assert_allclose(r.twin.risks(rows_from_matrix(test.X[:20])), twin.predict(test.X[:20]), rtol=1e-6)
-    assert r.twin.threshold == r.threshold  # one τ for both halves
+    assert r.twin.threshold == twin.threshold  # its own τ: the same quantile as the main model's (TwinScale)
     assert assign_games(r, ["c1", "c2"], ["f1"]) == [(r, ["c1", "c2"]), (r.twin, ["f1"])]
+    rows = rows_from_matrix(test.X)  # held-out steps: each model's scale, matched by quantile
+    scale = TwinScale(r.risks(rows), r.twin.risks(rows))
+    tau = float(np.quantile(r.risks(rows), 0.7))
+    (main, main_games, main_is_twin), (tw, tw_games, tw_is_twin) = routed_folds(
+        r, tau, assign_games(r, ["c1", "c2"], ["f1"]), scale)
+    assert (main_games, main_is_twin, tw_games, tw_is_twin) == (["c1", "c2"], False, ["f1"], True)
+    assert main.threshold == tau and tw.threshold == scale.to_twin(tau) != tau
+    assert np.mean([tw.escalate(f) for f in rows]) == pytest.approx(np.mean([main.escalate(f) for f in rows]), abs=0.02)
+    assert r.threshold == model.threshold and r.twin.threshold == twin.threshold  # copies: the originals keep theirs
     rnd = make_router("random")
     assert assign_games(rnd, ["c1"], ["f1"]) == [(rnd, ["c1", "f1"])]  # learned nothing: plays every val game
+
+
+def test_twin_scale_routes_the_twin_at_the_same_escalation_share():
+    """Two models calibrated on different games rank steps alike but disagree on the level: one τ escalated
+    half as many of the twin's held-out steps in the quickstart. Matched by quantile, the shares agree."""
+    from r2v.rollout.live_budget import TwinScale
+    from r2v.router.thresholds import quantile_map
+
+    rng = np.random.default_rng(0)
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    main, twin = sigmoid(rng.normal(0, 1.5, 800)), sigmoid(rng.normal(0, 1.5, 600) / 2 - 1)
+    scale = TwinScale(main, twin)
+    fresh = rng.normal(0, 1.5, 4000)  # unseen steps, scored by both models
+    for tau in (0.2, 0.35, 0.5, 0.7, 0.85):
+        assert np.mean(twin >= tau) < np.mean(main >= tau) - 0.1  # one τ: very different shares
+        tau_twin = scale.to_twin(tau)
+        assert np.mean(sigmoid(fresh / 2 - 1) >= tau_twin) == pytest.approx(np.mean(sigmoid(fresh) >= tau), abs=0.04)
+        assert scale.to_main(np.array([tau_twin]))[0] == pytest.approx(tau, abs=1e-6)  # the inverse map
+    taus = np.linspace(-1, 2, 61)
+    assert np.all(np.diff(quantile_map(taus, main, twin)) > 0)  # monotone, so the bracketed search still holds
+    assert scale.to_twin(above(main.max())) > twin.max()  # "escalate nothing" stays nothing
+    assert scale.to_twin(0.0) <= twin.min() and scale.to_twin(np.inf) == np.inf  # ... and "everything" everything
 
 
 def test_pre_execution_router_escalates_whole_episodes():

@@ -55,6 +55,25 @@ def test_dpo_must_beat_bc_by_at_least_min_gain():
     assert selection.choose({"dpo": {"wins": 0, "episodes": 10}}, min_gain=0.05) == "dpo"  # nothing to prefer
 
 
+def test_dpo_must_be_more_robust_and_not_worse_clean():
+    """The bar is on perturbed episodes (the paper's claim), with clean play as a veto. BC's validation numbers
+    from the quickstart: 13 of 36 clean, 64 of 144 perturbed; DPO's 71 (+0.049) misses the bar by one episode."""
+    def with_dpo(clean, perturbed):
+        return {"bc": {"wins": 77, "episodes": 180, "clean": {"wins": 13, "episodes": 36},
+                       "perturbed": {"wins": 64, "episodes": 144}},
+                "dpo": {"wins": clean + perturbed, "episodes": 180, "clean": {"wins": clean, "episodes": 36},
+                        "perturbed": {"wins": perturbed, "episodes": 144}}}
+
+    assert selection.choose(with_dpo(15, 71), 0.05, 0.02) == "bc"  # pooled +0.050 would have deployed it
+    assert selection.choose(with_dpo(15, 72), 0.05, 0.02) == "dpo"
+    assert selection.choose(with_dpo(13, 72), 0.05, 0.02) == "dpo"  # clean: equal is no loss
+    assert selection.choose(with_dpo(12, 72), 0.05, 0.02) == "bc"  # clean −0.028: vetoed
+    assert selection.choose(with_dpo(12, 72), 0.05, 1.0) == "dpo"
+    assert selection.choose(with_dpo(30, 64), 0.0, 0.02) == "bc"  # better clean, not more robust: no
+    no_clean = {c: {k: v for k, v in r.items() if k != "clean"} for c, r in with_dpo(0, 72).items()}
+    assert selection.choose(no_clean, 0.05, 0.02) == "dpo"  # no clean play: no veto
+
+
 @pytest.mark.parametrize("winner", ["dpo", "bc"])
 def test_selection_deploys_the_candidate_the_env_says_wins_more(ray_local, cfg, monkeypatch, winner):
     """Stand-ins for the two SLMs that differ for sure: the oracle teacher plays the `winner`'s directory,

@@ -248,17 +248,19 @@ class DPOConfig:
 
 @dataclass
 class SelectionConfig:
-    """`select-policy`: the SLM the router, eval and Serve use is whichever of BC/DPO wins more validation-game
-    episodes, played live and alone (r2v.rollout.selection), DPO only by at least `min_gain`. Test games are
-    never played for it."""
+    """`select-policy`: the SLM the router, eval and Serve use, BC or DPO, by validation-game episodes played
+    live and alone (r2v.rollout.selection): DPO only where it is more robust by at least `min_gain` and not worse
+    clean by more than `max_clean_loss`. Test games are never played for it."""
 
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # perturbation seeds of the perturbed episodes
     # clean episodes (all perturbation rates 0): TextWorld games and rank-mode play are deterministic per game, so
     # one seed is the whole clean picture there; [] skips clean play
     clean_seeds: list[int] = field(default_factory=lambda: [0])
-    # DPO is deployed only when its validation success (clean and perturbed pooled) beats BC's by at least this
-    # (issue #15's bar for "DPO improves the SLM"; below it the difference is within a few dozen games' noise)
+    # DPO is deployed only when its perturbed validation success beats BC's by at least `min_gain` and its clean
+    # success is at most `max_clean_loss` below BC's (issue #15's bar for "DPO improves the SLM"; below it the
+    # difference is within a few dozen games' noise)
     min_gain: float = 0.05
+    max_clean_loss: float = 0.02
 
 
 @dataclass
@@ -708,7 +710,10 @@ def validate(cfg: R2VConfig) -> None:
                           "no episode; give at least one seed (e.g. selection.seeds=[0,1,2,3])")
     if not 0 <= cfg.selection.min_gain < 1:
         raise ConfigError(f"`selection.min_gain` = {cfg.selection.min_gain}: a success difference in [0, 1) "
-                          "(0: DPO is deployed whenever it wins more validation episodes than BC)")
+                          "(0: DPO is deployed whenever it wins more perturbed validation episodes than BC)")
+    if not 0 <= cfg.selection.max_clean_loss <= 1:
+        raise ConfigError(f"`selection.max_clean_loss` = {cfg.selection.max_clean_loss}: a success difference in "
+                          "[0, 1] (1: clean play never vetoes DPO)")
     if cfg.policy.num_candidates < 1:
         raise ConfigError("`policy.num_candidates` must be at least 1")
 

@@ -10,8 +10,14 @@ interrupted or repeated calibration (train-router, calibrate, eval) reuses them.
 Which val games a router plays (`assign_games`): a router that learned nothing from labels plays all of
 them; a learned one (r2v, pre_execution) only the calibration games, since its rate on the games it was fitted
 on is in-sample, unless it has a cross-fitted twin (`router.cross_fit`): then the twin, fitted on the
-calibration games, routes the fit games at the same τ, and the rate pools all val games. The game is the unit
-of the rate's noise, so twice the games at half the seeds is the same cost for a steadier τ.
+calibration games, routes the fit games, and the rate pools all val games. The game is the unit of the rate's
+noise, so twice the games at half the seeds is the same cost for a steadier τ.
+
+The twin does not route at the same τ but at the same *quantile* (`TwinScale`): each model is calibrated
+(`router.calibration`) on the other half's games, whose failure rates differ, so the two agree on which steps are
+risky and disagree on how risky. In the quickstart the twin escalated half the steps the main model did at one τ, the
+pooled rate under-stated the main model's by ~0.05-0.1, and the test rate (main model only) overshot every
+budget; matched by quantile, the search measures the rate the deployed model will have.
 """
 from __future__ import annotations
 
@@ -54,13 +60,40 @@ def routing_name(router: Router, tau: float) -> str:
     return f"{router.name}#{router_identity(router)}~{tau:.10g}"
 
 
-def calibration_games(cfg: R2VConfig) -> tuple[list, list]:
+class TwinScale:
+    """The cross-fitted twin's risk scale against the main model's, from the SLM-only steps each never fitted
+    on (the main model's: the calibration games; the twin's: the fit games). `to_twin(τ)` is the twin's τ that
+    escalates the same share of its held-out steps as τ does of the main model's; `to_main` maps the risks the
+    twin met back, so one search over the main model's τ sees one scale."""
+
+    def __init__(self, main_risks: np.ndarray, twin_risks: np.ndarray):
+        self.main, self.twin = np.asarray(main_risks, np.float64), np.asarray(twin_risks, np.float64)
+
+    @classmethod
+    def of(cls, cfg: R2VConfig, router: Router, rows) -> "TwinScale":
+        from r2v.eval.live import feature_rows
+        from r2v.router.stage import router_part
+
+        return cls(router.risks(feature_rows(router_part(cfg, rows, "calibration"))),
+                   router.twin.risks(feature_rows(router_part(cfg, rows, "fit"))))
+
+    def to_twin(self, tau: float) -> float:
+        from r2v.router.thresholds import quantile_map
+
+        return float(quantile_map(tau, self.main, self.twin))
+
+    def to_main(self, risks: np.ndarray) -> np.ndarray:
+        from r2v.router.thresholds import quantile_map
+
+        return quantile_map(risks, self.twin, self.main) if len(risks) else np.asarray(risks, np.float64)
+
+
+def calibration_games(cfg: R2VConfig, rows) -> tuple[list, list]:
     """The val games τ is set on: (calibration games, fit games; the latter only with router.fit_split=val).
     Never the test games. Who routes which is `assign_games` (module docstring)."""
     from r2v.envs.registry import load_tasks
-    from r2v.router.stage import read_router_rows, router_part
+    from r2v.router.stage import router_part
 
-    rows = read_router_rows(cfg)
     by_id = {t.task_id: t for t in load_tasks(cfg.env)}
     cal = sorted(set(router_part(cfg, rows, "calibration")["task_id"]))
     fit = sorted(set(router_part(cfg, rows, "fit")["task_id"]) - set(cal)) if cfg.router.fit_split == "val" else []
@@ -81,6 +114,19 @@ def assign_games(router: Router, calibration: list, fit: list) -> list[tuple[Rou
     return [(router, calibration)] + ([(router.twin, fit)] if router.twin is not None and fit else [])
 
 
+def routed_folds(router: Router, tau: float, folds: list[tuple[Router, list]], scale: TwinScale | None
+                 ) -> list[tuple[Router, list, bool]]:
+    """Copies of the routers of `folds` (`assign_games`) set to the main model's `tau`, the twin to the same
+    quantile (`scale`): (router at its τ, its games, whether it is the twin)."""
+    out = []
+    for fold_router, tasks in folds:
+        is_twin = fold_router is router.twin
+        routed = copy.deepcopy(fold_router)
+        routed.threshold, routed.strict = (scale.to_twin(tau) if is_twin else float(tau)), False
+        out.append((routed, tasks, is_twin))
+    return out
+
+
 def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str, float],
                    p_offline: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Set each router's threshold so that its routed episodes on the calibration games escalate
@@ -94,13 +140,16 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
     from r2v.rollout.stage import collection_inputs
+    from r2v.router.stage import read_router_rows
     from r2v.router.thresholds import live_budget_search
 
     if not budgets:
         return {}
     init_ray(cfg)
-    cal, fit = calibration_games(cfg)
+    rows = read_router_rows(cfg)
+    cal, fit = calibration_games(cfg, rows)
     folds = {name: assign_games(routers[name], cal, fit) for name in budgets}
+    scales = {name: TwinScale.of(cfg, routers[name], rows) for name in budgets if len(folds[name]) > 1}
     seeds = list(cfg.router.budget_seeds)
     model_dir = str(Experiment(cfg).deployed_policy_dir())
     out_dir = probes_dir(cfg)
@@ -110,15 +159,13 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     success: dict[tuple[str, float], float] = {}  # (name, τ) -> the probe's episode success on the val games
 
     def measure(taus: dict[str, float]) -> dict[str, tuple[float, np.ndarray]]:
-        policies: dict[str, list[str]] = {}
+        policies: dict[str, dict[str, bool]] = {}  # name -> {policy: routed by the twin}
         factories, units = {}, []
         for name, tau in taus.items():
-            policies[name] = []
-            for fold_router, fold_tasks in folds[name]:
-                router = copy.deepcopy(fold_router)
-                router.threshold, router.strict = float(tau), False
-                policy = routing_name(fold_router, tau)
-                policies[name].append(policy)
+            policies[name] = {}
+            for router, fold_tasks, is_twin in routed_folds(routers[name], tau, folds[name], scales.get(name)):
+                policy = routing_name(router, router.threshold)
+                policies[name][policy] = is_twin
                 factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
                 units += plan_units({"val": fold_tasks}, seeds, 1, policy)
         print(f"[budget] {len(taus)} routers, {len(units)} routed episodes on calibration games")
@@ -127,11 +174,13 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
         df = of_units(ShardStore(out_dir, "steps").read_pandas(columns), units)  # not other seeds' probes
         out = {}
         for name, names in policies.items():
-            part = df[df["policy"].isin(names)]
+            part = df[df["policy"].isin(list(names))]
             episodes = part.groupby(["task_id", "perturbation_seed", "policy"])["episode_success"].first()
             success[(name, float(taus[name]))] = float(episodes.mean()) if len(episodes) else float("nan")
+            risks = [scales[name].to_main(p["risk"].dropna().to_numpy(np.float64)) if policies[name][policy]
+                     else p["risk"].dropna().to_numpy(np.float64) for policy, p in part.groupby("policy")]
             out[name] = (float((part["actor"] == "teacher").mean()) if len(part) else 0.0,
-                         part["risk"].dropna().to_numpy(dtype=np.float64))
+                         np.concatenate(risks) if risks else np.zeros(0))
         return out
 
     try:
@@ -141,10 +190,11 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     for name, rec in found.items():
         rec["success"] = success[(name, rec["tau"])]
         routers[name].threshold, routers[name].strict = rec["tau"], False
-        if routers[name].twin is not None:
-            routers[name].twin.threshold, routers[name].twin.strict = rec["tau"], False
+        if name in scales:
+            rec["twin_tau"] = scales[name].to_twin(rec["tau"])
+            routers[name].twin.threshold, routers[name].twin.strict = rec["twin_tau"], False
         n_games = sum(len(t) for _, t in folds[name])
-        twin = " (half routed by its cross-fitted twin)" if len(folds[name]) > 1 else ""
+        twin = " (half routed by its cross-fitted twin at the same quantile)" if name in scales else ""
         rec.update(calibrated_on=f"routed episodes on {n_games} val games{twin} x {len(seeds)} seeds "
                                  f"({n_games * len(seeds)} per probe)")
     return found

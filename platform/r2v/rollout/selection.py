@@ -4,8 +4,9 @@ DPO can leave the policy worse than its BC reference on unseen games (docs/archi
 so the pipeline does not assume the later stage is the better one. Each candidate plays every *validation*
 game alone (router `slm_only`, no teacher, proposal = `policy.select`), clean under `selection.clean_seeds`
 and under the configured perturbations under `selection.seeds`, both conditions on one pool of env workers
-per candidate. BC (the simpler model, DPO's own reference) is deployed unless DPO's episodes win more often, by
-at least `selection.min_gain` (success, clean and perturbed pooled, as the environment reports it): a gain within
+per candidate. BC (the simpler model, DPO's own reference) is deployed unless DPO delivers what the paper claims
+for it, robustness: its perturbed episodes win more often by at least `selection.min_gain`, while its clean ones
+lose at most `selection.max_clean_loss` (issue #15's bar; success as the environment reports it). A gain within
 the noise of a few dozen games is no reason to deploy the extra stage. Test games are never played here. The
 decision and both candidates' numbers go to `models/selected.json` (`Experiment.selection_file`), which
 `r2v.experiment.deployed_policy_dir` reads.
@@ -91,18 +92,28 @@ def outcome(episodes, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Any]:
             "success_ci": ci}
 
 
-def choose(results: dict[str, dict[str, Any]], min_gain: float = 0.0) -> str:
-    """The candidate with the highest validation success over all its episodes (clean and perturbed pooled),
-    where a candidate after the first in CANDIDATES order (BC) must beat it, by at least `min_gain`; among those
-    that do, the most successful, a tie going to the earlier."""
+def choose(results: dict[str, dict[str, Any]], min_gain: float = 0.0, max_clean_loss: float = 1.0) -> str:
+    """The first of CANDIDATES present (BC) unless a later one beats it on perturbed episodes by at least
+    `min_gain` and loses at most `max_clean_loss` on clean ones; among those that do, the best on perturbed
+    episodes, a tie going to the earlier. A candidate played in one condition only is compared on all of its
+    episodes."""
     if not results:
         raise R2VError("select-policy: no candidate to choose from")
     order = [c for c in CANDIDATES if c in results] + sorted(set(results) - set(CANDIDATES))
-    rate = {c: results[c]["wins"] / max(1, results[c]["episodes"]) for c in order}
+
+    def rate(c: str, condition: str | None) -> float | None:
+        r = (results[c].get(condition) or {}) if condition else results[c]  # None: all episodes pooled
+        return r["wins"] / r["episodes"] if r.get("episodes") else None
+
     base = order[0]
+    perturbed = "perturbed" if all(rate(c, "perturbed") is not None for c in order) else None
     # 1e-9: success rates are ratios of episode counts, so a gain of exactly min_gain must not hang on rounding
-    eligible = [base] + [c for c in order[1:] if rate[c] > rate[base] and rate[c] - rate[base] >= min_gain - 1e-9]
-    return max(eligible, key=lambda c: (rate[c], -order.index(c)))
+    eligible = [base] + [c for c in order[1:]
+                         if rate(c, perturbed) > rate(base, perturbed)
+                         and rate(c, perturbed) - rate(base, perturbed) >= min_gain - 1e-9
+                         and (rate(c, "clean") is None or rate(base, "clean") is None
+                              or rate(base, "clean") - rate(c, "clean") <= max_clean_loss + 1e-9)]
+    return max(eligible, key=lambda c: (rate(c, perturbed), -order.index(c)))
 
 
 def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
@@ -126,12 +137,13 @@ def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
         per = {c: outcome(episodes[episodes["condition"] == c], seed=cfg.seed) for c in plays}
         results[stage] = {**outcome(episodes, seed=cfg.seed), **per, "model_dir": str(exp.model(stage)),
                           "fingerprint": fingerprint_dir(exp.model(stage))}
-    selected = choose(results, cfg.selection.min_gain)
+    sel = cfg.selection
+    selected = choose(results, sel.min_gain, sel.max_clean_loss)
     doc = {"selected": selected, "model_dir": str(exp.model(selected)), "split": "val",
            "games": len(tasks["val"]), "seeds": plays.get("perturbed", []), "clean_seeds": plays.get("clean", []),
-           "rule": ("higher validation success, SLM alone, clean and perturbed episodes pooled; dpo must beat bc, by "
-                    f"at least {cfg.selection.min_gain:g}"), "min_gain": cfg.selection.min_gain,
-           "candidates": results}
+           "rule": (f"validation games, SLM alone: dpo is deployed only if its perturbed success beats bc's by at "
+                    f"least {sel.min_gain:g} and its clean success is at most {sel.max_clean_loss:g} below"),
+           "min_gain": sel.min_gain, "max_clean_loss": sel.max_clean_loss, "candidates": results}
     path = exp.selection_file
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

@@ -378,7 +378,7 @@ class R2VRouter(Router):
         self.model, self.model_dir = model, (str(model_dir) if model_dir is not None else None)
         super().__init__(model.threshold if threshold is None else threshold, strict=False)
         if twin is not None:
-            self.twin = R2VRouter(model=twin, threshold=self.threshold)
+            self.twin = R2VRouter(model=twin)  # at its own τ: the same quantile as this one's (live_budget)
 
     def risk(self, features: dict[str, float]) -> float:
         return float(self.model.predict(np.asarray([vector_from_dict(features, self.model.feature_names)]))[0])

@@ -93,11 +93,11 @@ def run_train_router(cfg: R2VConfig) -> dict[str, Any]:
 
 
 def save_risk_model(model, twin, directory) -> None:
-    """The risk model, and its cross-fitted twin at the same τ in `twin/` (none: an older run's twin is removed,
-    so it can never set this model's τ)."""
+    """The risk model, and its cross-fitted twin in `twin/` at the τ it routed the fit games with (the same
+    quantile, `TwinScale`; none: an older run's twin is removed, so it can never set this model's τ)."""
     model.save(directory)
     if twin is not None:
-        twin.threshold = model.threshold
+        twin.threshold = model.threshold_info.get("twin_tau", model.threshold)
         twin.save(directory / TWIN_DIR)
     elif (directory / TWIN_DIR).exists():
         shutil.rmtree(directory / TWIN_DIR)
@@ -152,6 +152,8 @@ def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray
     model.threshold_info = {"kind": "budget", "budget": rec["budget"], "tau": rec["tau"], "live_rate": rec["rate"],
                             "val_success": rec["success"], "offline_rate": float(np.mean(p_steps >= rec["tau"])),
                             "probes": rec["probes"], "calibrated_on": rec["calibrated_on"]}
+    if "twin_tau" in rec:
+        model.threshold_info["twin_tau"] = rec["twin_tau"]
     if choice is not None:
         model.threshold_info["budget_choice"] = choice
     return model.threshold_info

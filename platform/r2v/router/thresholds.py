@@ -33,6 +33,22 @@ def above(x: float) -> float:
     return float(np.nextafter(np.float64(x), np.inf))
 
 
+def quantile_map(values: Any, source: Any, target: Any) -> np.ndarray:
+    """`values` on the risk scale of `source` moved to the scale of `target` by matching quantiles: a value
+    above a share q of `source` lands above the same share q of `target` (empirical CDFs, linear between
+    points; past either end a unit-slope shift, so τ = ±inf and "just above every risk" keep their meaning).
+    Two models calibrated on different games rank steps alike but disagree on the level; this is how one τ
+    means the same escalation share for both (see `r2v.rollout.live_budget`)."""
+    src = np.sort(_as_1d(source, "source risks"))
+    dst = np.sort(_as_1d(target, "target risks"))
+    x = np.asarray(values, dtype=np.float64)
+    share = np.interp(x, src, np.linspace(0.0, 1.0, src.size))
+    out = np.interp(share, np.linspace(0.0, 1.0, dst.size), dst)
+    with np.errstate(invalid="ignore"):  # ±inf − finite is fine; inf − inf does not occur (src is finite)
+        out = np.where(x > src[-1], dst[-1] + (x - src[-1]), np.where(x < src[0], dst[0] - (src[0] - x), out))
+    return out
+
+
 def bayes_threshold(c_llm: float, c_slm: float, kappa: float) -> float:
     """τ* = (c_LLM − c_SLM)/κ, clipped to [0, 1]."""
     if kappa <= 0:
@@ -215,5 +231,5 @@ def _bracketed(proposal: float, probes: list[tuple[float, float]], budget: float
     return float((low + high) / 2)
 
 
-__all__ = ["live_budget_search", "live_tolerance", "apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
+__all__ = ["live_budget_search", "live_tolerance", "quantile_map", "apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
            "select_threshold", "above"]
