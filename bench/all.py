@@ -407,6 +407,20 @@ def render_router_labels(d: dict[str, Any]) -> str:
     return md
 
 
+def matched_cost_rows(routers: list[str], results: dict[str, Any], calls: list[float]) -> list[list[str]]:
+    """Per router, its success at each of `calls` LLM calls/step (eval.metrics.success_at_calls)."""
+    from r2v.eval.metrics import success_at_calls
+
+    slm = results.get("slm_only")
+    rows = []
+    for base in routers:
+        pts = [r for b in calls if (r := results.get(f"{base}@{b:g}"))] + ([slm] if slm else [])
+        rates, succ = [r["llm_call_rate"] for r in pts], [r["success"] for r in pts]
+        at = [success_at_calls(rates, succ, c) for c in calls]
+        rows.append([base, *[f(v) if v is not None else "–" for v in at]])
+    return rows
+
+
 def render_router_matrix(d: dict[str, Any]) -> str:
     res, budgets = d["results"], d["budgets"]
     md = (f"Every router of `{d.get('experiment')}` set, by routed episodes on the calibration games, to each budget of "
@@ -421,6 +435,11 @@ def render_router_matrix(d: dict[str, Any]) -> str:
             cells.append(f"{f(r['success'])} [{f(ci[0], 2)}, {f(ci[1], 2)}] @ {f(r['llm_call_rate'])}" if r else "–")
         body.append([base, *cells])
     md += table(["router", *[f"B = {b:g}" for b in budgets]], body)
+    md += ("\nAt equal live cost: each router's success at the same realised LLM calls/step, on the piecewise-linear "
+           "curve through its measured points (the SLM alone at 0 calls; – past its last point, never extended). "
+           "Budgets realise different rates for different routers, so this, not the column above, compares them at "
+           "matched cost.\n\n")
+    md += table(["router", *[f"{c:g} calls/step" for c in budgets]], matched_cost_rows(d["routers"], res, budgets))
     md += "\n"
     body = [[base, f(row.get("auc")), f(row.get("calls_to_target")) if row.get("calls_to_target") is not None
              else "not reached", f(row.get("p_reached"), 2)] for base, row in d["frontier"].items()]

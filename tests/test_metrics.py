@@ -7,7 +7,7 @@ import pytest
 from r2v.errors import R2VError
 from r2v.eval.metrics import (SUMMARY_KEYS, auroc, brier, calls_to_reach, cost, curve_auc, cvar_failure, ece,
                               frontier_bootstrap, frontier_summary, game_weights, router_curves, split_method,
-                              success_with_ci, summarise_method, worst_seed_success)
+                              success_at_calls, success_with_ci, summarise_method, worst_seed_success)
 
 
 def test_success_with_ci():
@@ -132,6 +132,9 @@ def test_curve_auc_and_calls_to_reach():
     assert calls_to_reach(x, y, 0.1) == 0.0
     assert calls_to_reach(x, y, 0.71) is None
     assert calls_to_reach([0.0, 0.1, 0.2], [0.2, 0.8, 0.5], 0.5) == pytest.approx(0.05)  # first crossing
+    assert success_at_calls(x, y, 0.3) == pytest.approx(0.65)  # equal cost, between two measured points
+    assert success_at_calls(x, y, 0.4) == pytest.approx(0.7) and success_at_calls(x, y, 0.0) == pytest.approx(0.2)
+    assert success_at_calls(x, y, 0.41) is None and success_at_calls([], [], 0.1) is None  # never extended
 
 
 def test_frontier_summary_from_points():

@@ -551,6 +551,59 @@ def test_twin_scale_routes_the_twin_at_the_same_escalation_share():
     assert scale.to_twin(0.0) <= twin.min() and scale.to_twin(np.inf) == np.inf  # ... and "everything" everything
 
 
+def test_budget_pacer_holds_the_rate_where_a_fixed_threshold_drifts():
+    """A τ set on calibration games meets riskier (or safer) ones in deployment; the pacer moves τ until the
+    running rate is the budget, and leaves it near where it was on a stream like the calibration one."""
+    from r2v.router.thresholds import BudgetPacer
+
+    rng = np.random.default_rng(0)
+    tau = budget_threshold(rng.beta(2, 5, 5000), 0.3)
+    for live, drift in ((rng.beta(2, 3, 20000), +1), (rng.beta(2, 9, 20000), -1), (rng.beta(2, 5, 20000), 0)):
+        fixed = float(np.mean(live >= tau))
+        pacer = BudgetPacer(tau, 0.3, gain=0.01)
+        escalated = []
+        for p in live:
+            escalated.append(bool(p >= pacer.tau))
+            pacer.observe(escalated[-1])
+        assert abs(np.mean(escalated[5000:]) - 0.3) < 0.02 and pacer.steps == len(live)
+        assert pacer.rate == pytest.approx(np.mean(escalated))
+        if drift:
+            assert drift * (fixed - 0.3) > 0.1  # the fixed τ misses the budget by more than 0.1
+            assert drift * (pacer.tau - tau) > 0.05  # riskier stream: τ rose; safer: it fell
+        else:
+            assert abs(pacer.tau - tau) < 0.05
+    with pytest.raises(R2VError, match="pace_budget"):
+        BudgetPacer(tau, 1.5)
+    with pytest.raises(R2VError, match="finite threshold"):
+        BudgetPacer(math.inf, 0.3)
+
+
+def test_served_router_paces_to_serve_pace_budget(tmp_path):
+    """The Serve router deployment's own decide(): with serve.pace_budget its τ follows the stream; a router
+    without a threshold cannot be paced (caught when the app is built)."""
+    from r2v.config import load_config
+    from r2v.errors import ConfigError
+    from r2v.serve.app import RouterDeployment
+    from r2v.serve.components import serving_pacer
+
+    rng = np.random.default_rng(1)
+    cfg = load_config("conf/quickstart.yaml", ["serve.router=entropy", "serve.threshold=0.5",
+                                               "serve.pace_budget=0.25"])
+    dep = RouterDeployment.func_or_class(cfg, str(tmp_path))
+    entropies = rng.exponential(1.0, 6000)
+    decisions = [dep.decide(_feat(entropy=float(h))).escalate for h in entropies]
+    assert np.mean(entropies > 0.5) > 0.55  # the fixed τ's rate on this stream
+    assert abs(np.mean(decisions[2000:]) - 0.25) < 0.03
+    info = dep.info()
+    assert info["pace_budget"] == 0.25 and info["paced_steps"] == 6000 and info["threshold"] > 1.0
+    assert RouterDeployment.func_or_class(load_config("conf/quickstart.yaml", ["serve.router=entropy"]),
+                                          str(tmp_path)).pacer is None  # off by default
+    with pytest.raises(ConfigError, match="no threshold to move"):
+        serving_pacer(load_config("conf/quickstart.yaml", ["serve.pace_budget=0.2"]), make_router("llm_only"))
+    with pytest.raises(ConfigError, match="pace_budget"):
+        load_config("conf/quickstart.yaml", ["serve.pace_budget=2"])
+
+
 def test_pre_execution_router_escalates_whole_episodes():
     rng = np.random.default_rng(0)
     n_ep, steps = 300, 5

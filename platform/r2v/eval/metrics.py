@@ -260,6 +260,16 @@ def calls_to_reach(rates: Any, successes: Any, target: float) -> float | None:
     return None
 
 
+def success_at_calls(rates: Any, successes: Any, calls: float) -> float | None:
+    """Success of the piecewise-linear curve through the measured points at `calls` LLM calls/step: routers
+    compared at equal live cost when their budgets realised different rates. None outside the measured range
+    (a curve is never extended)."""
+    x, y = _sorted_curve(rates, successes)
+    if x.size == 0 or not x[0] <= calls <= x[-1]:
+        return None
+    return float(np.interp(calls, x, y))
+
+
 def frontier_summary(points: dict[str, tuple[float, float]], *, slm: str = "slm_only", teacher: str = "llm_only",
                      x_max: float = 0.5, margin: float = 0.02) -> dict[str, dict[str, Any]]:
     """Per router, from {method: (llm_call_rate, success)}: its curve is (0, SLM-only success) plus its `router@B`

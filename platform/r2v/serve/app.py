@@ -78,21 +78,28 @@ class VerifierDeployment:
 @serve.deployment(name="router")
 class RouterDeployment:
     def __init__(self, cfg: R2VConfig, models_dir: str):
-        from r2v.serve.components import load_serving_router
+        from r2v.serve.components import load_serving_router, serving_pacer
 
         self.router, self.source = load_serving_router(cfg, models_dir)
+        self.pacer = serving_pacer(cfg, self.router)  # None unless serve.pace_budget
 
     def decide(self, features: dict[str, float], action: str = ""):
         """r2v.policies.routed.route (StepCalls.route's shape; the proposed `action` only matters to the oracle
-        router, which cannot be served)."""
+        router, which cannot be served). With a pacer, τ moves after each decision (serve.pace_budget)."""
         from r2v.policies.routed import route
 
         self.router.reset()  # no episode state across requests (per-session state lives in the features)
-        return route(self.router, features)
+        verdict = route(self.router, features)
+        if self.pacer is not None:
+            self.router.threshold = self.pacer.observe(verdict.escalate)
+        return verdict
 
     def info(self) -> dict[str, Any]:
-        return {"router": self.router.name, "threshold": float(self.router.threshold), "source": self.source,
-                "strict": bool(self.router.strict)}
+        out = {"router": self.router.name, "threshold": float(self.router.threshold), "source": self.source,
+               "strict": bool(self.router.strict)}
+        if self.pacer is not None:
+            out |= {"pace_budget": self.pacer.budget, "paced_steps": self.pacer.steps, "paced_rate": self.pacer.rate}
+        return out
 
 
 @serve.deployment(name="teacher")
@@ -522,12 +529,14 @@ def _token_sha256(cfg: R2VConfig) -> str | None:
 
 def build_app(cfg: R2VConfig, models_dir: str | Path | None = None):
     """The Serve application (not yet running). Fails fast, in the caller, on a missing SLM, an unservable
-    router, a bad threshold file, bad deployment options or an unset auth token."""
-    from r2v.serve.components import load_serving_router, slm_path
+    router, a bad threshold file, pacing a router without a threshold, bad deployment options or an unset auth
+    token."""
+    from r2v.serve.components import load_serving_router, serving_pacer, slm_path
 
     models_dir = str(models_dir or cfg.serve.models_dir)
     path = slm_path(cfg, models_dir)
     router, source = load_serving_router(cfg, models_dir)
+    serving_pacer(cfg, router)
     if cfg.teacher.kind == "openai" and (not cfg.teacher.base_url or not cfg.teacher.model):
         raise ConfigError("teacher.kind=openai needs `teacher.base_url` and `teacher.model`")
     opts = deployment_options(cfg)

@@ -117,6 +117,18 @@ def load_serving_router(cfg: R2VConfig, models_dir: str | Path):
     return router, source
 
 
+def serving_pacer(cfg: R2VConfig, router):
+    """The BudgetPacer that holds the served router's call rate at `serve.pace_budget` (None: no pacing)."""
+    from r2v.router.thresholds import BudgetPacer
+
+    if cfg.serve.pace_budget is None:
+        return None
+    if router.fixed:
+        raise ConfigError(f"serve.pace_budget = {cfg.serve.pace_budget}: the served router {router.name!r} has no "
+                          f"threshold to move; serve a thresholded router or set serve.pace_budget=null")
+    return BudgetPacer(router.threshold, cfg.serve.pace_budget, cfg.serve.pace_gain)
+
+
 def load_verifier(cfg: R2VConfig, models_dir: str | Path):
     """The configured verifier; `learned` is read from models_dir/verifier."""
     from r2v.verifier.base import make_verifier, sandbox_limits
