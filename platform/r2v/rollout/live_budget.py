@@ -33,6 +33,7 @@ from r2v.data import ShardStore
 from r2v.errors import R2VError
 from r2v.experiment import Experiment
 from r2v.router.baselines import Router
+from r2v.router.thresholds import quantile_map
 
 
 def probes_dir(cfg: R2VConfig):
@@ -78,14 +79,10 @@ class TwinScale:
                    router.twin.risks(feature_rows(router_part(cfg, rows, "fit"))))
 
     def to_twin(self, tau: float) -> float:
-        from r2v.router.thresholds import quantile_map
-
         return float(quantile_map(tau, self.main, self.twin))
 
     def to_main(self, risks: np.ndarray) -> np.ndarray:
-        from r2v.router.thresholds import quantile_map
-
-        return quantile_map(risks, self.twin, self.main) if len(risks) else np.asarray(risks, np.float64)
+        return quantile_map(risks, self.twin, self.main)
 
 
 def calibration_games(cfg: R2VConfig, rows) -> tuple[list, list]:

@@ -101,19 +101,21 @@ def choose(results: dict[str, dict[str, Any]], min_gain: float = 0.0, max_clean_
         raise R2VError("select-policy: no candidate to choose from")
     order = [c for c in CANDIDATES if c in results] + sorted(set(results) - set(CANDIDATES))
 
-    def rate(c: str, condition: str | None) -> float | None:
-        r = (results[c].get(condition) or {}) if condition else results[c]  # None: all episodes pooled
-        return r["wins"] / r["episodes"] if r.get("episodes") else None
+    def rate(r: dict[str, Any] | None) -> float | None:
+        return r["wins"] / r["episodes"] if r and r.get("episodes") else None
 
+    by_condition = all(rate(results[c].get("perturbed")) is not None for c in order)
+    robust = {c: rate(results[c]["perturbed"] if by_condition else results[c]) for c in order}
+    clean = {c: rate(results[c].get("clean")) for c in order}
     base = order[0]
-    perturbed = "perturbed" if all(rate(c, "perturbed") is not None for c in order) else None
+
+    def clean_ok(c: str) -> bool:
+        return clean[c] is None or clean[base] is None or clean[base] - clean[c] <= max_clean_loss + 1e-9
+
     # 1e-9: success rates are ratios of episode counts, so a gain of exactly min_gain must not hang on rounding
-    eligible = [base] + [c for c in order[1:]
-                         if rate(c, perturbed) > rate(base, perturbed)
-                         and rate(c, perturbed) - rate(base, perturbed) >= min_gain - 1e-9
-                         and (rate(c, "clean") is None or rate(base, "clean") is None
-                              or rate(base, "clean") - rate(c, "clean") <= max_clean_loss + 1e-9)]
-    return max(eligible, key=lambda c: (rate(c, perturbed), -order.index(c)))
+    eligible = [base] + [c for c in order[1:] if robust[c] > robust[base]
+                         and robust[c] - robust[base] >= min_gain - 1e-9 and clean_ok(c)]
+    return max(eligible, key=lambda c: (robust[c], -order.index(c)))
 
 
 def run_select_policy(cfg: R2VConfig) -> dict[str, Any]:
