@@ -39,6 +39,8 @@ def kind_of(name: str) -> str:
         return kind_of(name.split("@")[0]) + " at a budget"
     if name == "r2v":
         return "R2V"
+    if name == "r2v_paced":  # eval.paced_methods: τ moved between waves of test episodes toward the budget
+        return "R2V paced"
     if name in HEURISTICS:
         return "heuristic router"
     if name == "oracle_teacher":
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "success_ci": [_num(ci[0]), _num(ci[1])], "llm_call_rate": _num(r.get("llm_call_rate")),
                      "episode_call_share": _num(r.get("episode_call_share")), "cost": _num(r.get("cost")),
                      "n_episodes": r.get("n_episodes"), "n_seeds": r.get("n_seeds")})
-    order = {"R2V": 0, "R2V at a budget": 1, "heuristic router": 2, "heuristic router at a budget": 3,
+    order = {"R2V": 0, "R2V at a budget": 1, "R2V paced at a budget": 1, "heuristic router": 2, "heuristic router at a budget": 3,
              "reference": 4, "oracle teacher (upper bound)": 5}
     rows.sort(key=lambda x: (order.get(x["kind"], 6), x["llm_call_rate"] if math.isfinite(x["llm_call_rate"]) else 9))
     matched = matched_success(results)

@@ -63,6 +63,8 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
         ("router.fit_split=train", "router.cross_fit"),
         ("router.threshold=bayes", "router.choose_budget"),
         ("eval.budgets=[]", "router.choose_budget"),
+        ("eval.paced_methods=[entropy]", "eval.paced_methods"),
+        ("eval.pace_wave=0", "eval.pace_wave"),
         ("not_an_override", "key=value"),
     ],
 )

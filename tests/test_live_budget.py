@@ -83,3 +83,64 @@ def test_default_budget_is_the_smallest_that_comes_within_the_teacher_gap():
     assert chosen_budget(found, 1.0, 0.0)["budget"] == 0.45
     assert chosen_budget(found, 0.81, 0.02)["budget"] == 0.1  # a weaker teacher is reached sooner
     assert chosen_budget({k: v for k, v in found.items() if v["budget"] < 0.3}, 1.0, 0.02) is None
+
+
+def _episode(tau: float, rng, shape: tuple[float, float]) -> list[tuple[float, bool]]:
+    """One synthetic episode of `play` at τ, its risks drawn from Beta(shape): (risk, escalated) per step."""
+    pos, calm, out = 0, 0.0, []
+    for base in rng.beta(*shape, size=MAX_STEPS):
+        p = base * (1.0 - calm)
+        out.append((p, bool(p >= tau)))
+        pos, calm = (pos + 3, 0.9) if p >= tau else (pos + 1, calm * 0.7)
+        if pos >= GOAL:
+            break
+    return out
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3, 0.6])
+def test_pacing_holds_the_budget_on_games_safer_than_the_calibration_games(budget):
+    """eval's `<router>_paced@B`: τ calibrated live on the calibration games misses B on held-out games whose risks
+    run lower; played in waves that each start from `paced_threshold`, the stream's rate comes within the
+    tolerance. The waves are planned and played through `play_paced` itself, episodes by (task, seed)."""
+    import pandas as pd
+
+    from r2v.config import load_config
+    from r2v.envs.base import Task
+    from r2v.eval.live import pace_waves, play_paced
+    from r2v.router.baselines import make_router
+
+    _, p_offline = play(tau=np.inf)
+    tau = live_budget_search({"r": p_offline}, {"r": budget}, lambda taus: {n: play(t) for n, t in taus.items()},
+                             rounds=6)["r"]["tau"]
+    cfg = load_config("conf/quickstart.yaml", ["eval.perturbation_seeds=[0,1,2,3]", "eval.pace_wave=40"])
+    tasks = [Task(f"game-{i}", "synthetic") for i in range(60)]
+    safer = (2, 5)
+
+    def episode_rows(policy: str, router, task_id: str, seed: int) -> list[dict]:
+        rng = np.random.default_rng([int(task_id.split("-")[1]), seed])
+        return [{"task_id": task_id, "perturbation_seed": seed, "policy": policy, "risk": p,
+                 "actor": "teacher" if esc else "slm"} for p, esc in _episode(router.threshold, rng, safer)]
+
+    played = []  # each wave's rows, as the env would have reported them
+
+    def play_wave(routings, units):
+        rows = pd.DataFrame([r for u in units for r in episode_rows(u.policy, routings[u.policy], u.task.task_id,
+                                                                     u.seed)])
+        played.append(rows)
+        return rows
+
+    router = make_router("entropy")
+    router.threshold = tau
+    fixed = pd.DataFrame([r for t in tasks for s in range(4) for r in episode_rows("fixed", router, t.task_id, s)])
+    assert (fixed["actor"] == "teacher").mean() < budget - live_tolerance(budget)  # calibrated τ under-spends here
+
+    run = play_paced(cfg, {"r2v_paced@B": (router, budget)}, tasks, play_wave)["r2v_paced@B"]
+    waves = pace_waves(cfg, tasks)
+    assert [len(set(zip(w["task_id"], w["perturbation_seed"]))) for w in played] == [len(w) for w in waves]
+    assert sorted((u.task.task_id, u.seed) for u in run["units"]) == sorted((t.task_id, s) for t in tasks
+                                                                             for s in range(4))
+    assert run["taus"][0] == tau and run["taus"][-1] < tau  # starts calibrated, lowers τ to spend the budget
+    stream = pd.concat(played)
+    assert abs((stream["actor"] == "teacher").mean() - budget) <= live_tolerance(budget)
+    assert run["wave_rates"] == pytest.approx([(w["actor"] == "teacher").mean() for w in played])
+    assert router.threshold == tau  # the caller's router is not moved

@@ -164,3 +164,27 @@ def test_benchmark_reported_apart(tmp_path):
     assert "first 10 tasks" in section and "| slm_only | 0.100" in section and "| r2v | 0.400" in section
     write_results(held_out, tmp_path, "without", steps=_steps(), n_boot=300)
     assert "benchmark" not in json.loads((tmp_path / "results.json").read_text())
+
+
+def test_a_paced_method_is_found_by_its_episodes_across_wave_routings(tmp_path):
+    """eval's `r2v_paced@B`: its waves route at different τ, so its episodes are listed (task, seed, policy), some
+    shared with another method's routing; the report finds exactly those and shows the τ per wave."""
+    steps = _steps()
+    results = _results(steps)
+    paced = steps[steps["policy"] == "routed-r2v@0.4"]
+    waves = paced.assign(policy=paced["task_id"].map(lambda g: f"routed-r2v#w1~{0.3 if g < 'g5' else 0.2}"))
+    decoy = waves.assign(perturbation_seed=waves["perturbation_seed"] + 10, episode_success=False,
+                         episode_id=waves["episode_id"] + "-other")  # same routings, episodes of another method
+    results["r2v_paced@0.4"] = summarise_method(waves, n_boot=300) | {
+        "policy": None, "pacing": {"wave_episodes": 15, "taus": [0.3, 0.2], "wave_rates": [0.35, 0.45]},
+        "episodes": sorted({(t, int(s), p) for t, s, p in zip(waves["task_id"], waves["perturbation_seed"],
+                                                               waves["policy"])})}
+    with_paced = pd.concat([steps, waves, decoy], ignore_index=True)
+    front = write_results(results, tmp_path, "paced", steps=with_paced, n_boot=300, seed=0)
+    (tmp_path / "plain").mkdir()
+    plain = write_results(_results(steps) | {"r2v_paced@0.4": _results(steps)["r2v@0.4"]}, tmp_path / "plain",
+                          "plain", steps=pd.concat([steps, paced.assign(policy="routed-r2v_paced@0.4")]), n_boot=300)
+    assert front["r2v_paced"]["auc_ci"] == plain["r2v_paced"]["auc_ci"]  # its own episodes, not the decoy's
+    md = (tmp_path / "results.md").read_text()
+    assert "| r2v_paced@0.4 | 0.4 | 0.400 | 0.400 | 0.300 → 0.200 | 0.35 / 0.45 |" in md
+    assert list(front) == ["r2v", "r2v_paced", "entropy", "random"]

@@ -363,6 +363,12 @@ class EvalConfig:
     # makes routed episodes on the calibration games escalate B of their steps (r2v.rollout.live_budget)
     budgets: list[float] = field(default_factory=list)
     budget_methods: list[str] = field(default_factory=lambda: ["r2v", "entropy", "random"])
+    # routers of `budget_methods` also played *paced* at each budget B, as `<R>_paced@B`: the first wave of
+    # `pace_wave` test episodes at the calibrated τ, each next wave at the τ that brings the running LLM-call rate
+    # to B (`r2v.router.thresholds.paced_threshold`, from the risks the router met; no labels): what Serve with
+    # serve.pace_budget=B delivers, in a fixed episode order so the numbers reproduce
+    paced_methods: list[str] = field(default_factory=list)
+    pace_wave: int = 24
     benchmark: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig)
 
 
@@ -708,6 +714,11 @@ def validate(cfg: R2VConfig) -> None:
     if cfg.router.cross_fit and cfg.router.fit_split != "val":
         raise ConfigError("`router.cross_fit=true` needs `router.fit_split=val`: the twin swaps the val tasks' fit and "
                           "calibration halves (with fit_split=train the router fits on the SLM's own training tasks)")
+    unpaced = [m for m in cfg.eval.paced_methods if m not in cfg.eval.budget_methods]
+    if unpaced or cfg.eval.pace_wave < 1:
+        raise ConfigError(f"`eval.paced_methods` = {list(cfg.eval.paced_methods)} must be among `eval.budget_methods` "
+                          f"(= {list(cfg.eval.budget_methods)}: pacing starts from their calibrated τ) and "
+                          f"`eval.pace_wave` = {cfg.eval.pace_wave} >= 1")
     bad = [b for b in cfg.eval.budgets if not 0 <= b <= 1]
     if bad:
         raise ConfigError(f"`eval.budgets` = {list(cfg.eval.budgets)}: {bad} not LLM-call rates in [0, 1]")

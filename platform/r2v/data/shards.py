@@ -124,10 +124,11 @@ class ShardStore:
                 f"It was written by another stage or another r2v version. {_fix_msg(path)}"
             )
 
-    def read(self, columns: list[str] | None = None) -> pa.Table:
-        """All shards as one table (empty table with the schema when there are none)."""
+    def read(self, columns: list[str] | None = None, keys: Iterable[str] | None = None) -> pa.Table:
+        """All shards (or those of `keys`, which must exist) as one table (empty table with the schema when there
+        are none)."""
         tables = []
-        for path in self.files():
+        for path in (self.files() if keys is None else [self.path(k) for k in keys]):
             self.validate(path)
             try:
                 tables.append(pq.read_table(path, columns=columns, schema=self.schema))
@@ -138,8 +139,8 @@ class ShardStore:
             return schema.empty_table()
         return pa.concat_tables(tables)
 
-    def read_pandas(self, columns: list[str] | None = None):
-        return self.read(columns).to_pandas()
+    def read_pandas(self, columns: list[str] | None = None, keys: Iterable[str] | None = None):
+        return self.read(columns, keys).to_pandas()
 
     def ray_dataset(self):
         """A Ray Dataset over the shards, after the same validation as `read`."""

@@ -5,9 +5,11 @@ at the end of the episode, nothing else. Thresholded routers are compared at mat
 set, by routed episodes on the calibration games, to escalate its budget's share of the steps it plays
 (`build_routers`); the summary reports that calibration-game rate beside the rate realised on the held-out
 games. Calibration (ECE, Brier) is measured on held-out test router rows against the label each router
-predicts. With `eval.benchmark.enabled` (code and terminal quickstarts, trained on procedural instances) the
-same routers, at the same τ, also play the env's real benchmark tasks, on the same pool of workers; that summary
-is written apart (eval/benchmark.json) and never pooled with the held-out instances.
+predicts. `eval.paced_methods` also play each budget *paced* (`play_paced`): τ moves between waves of test
+episodes so the running rate is the budget, as Serve's `serve.pace_budget` holds it. With
+`eval.benchmark.enabled` (code and terminal quickstarts, trained on procedural instances) the same routers, at the
+same τ, also play the env's real benchmark tasks, on the same pool of workers; that summary is written apart
+(eval/benchmark.json) and never pooled with the held-out instances.
 """
 from __future__ import annotations
 
@@ -49,6 +51,14 @@ def _make(cfg: R2VConfig, base: str) -> Router:
     return make_router(base)
 
 
+PACED = "_paced"
+
+
+def paced_method(base: str, budget: float) -> str:
+    """`r2v_paced@0.2`: `r2v@0.2` with τ moved between waves of test episodes toward the budget (`play_paced`)."""
+    return budget_method(f"{base}{PACED}", budget)
+
+
 # Baselines whose own rule is the method (a fixed threshold of their score); at a budget they are `name@B`.
 OWN_RULE = ("heuristic", "verifier")
 
@@ -82,6 +92,10 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
         router.prepare(val_feats)  # training-free routers (steer) fit on the calibration steps, without labels
     p_offline = {n: routers[n].risks(val_feats, val_eps) for n in budgets}
     found = calibrate_live(cfg, routers, budgets, p_offline)
+    for budget in cfg.eval.budgets:  # a paced router starts at the τ its fixed self was calibrated to (`play_paced`)
+        for base in cfg.eval.paced_methods:
+            name, fixed = paced_method(base, budget), budget_method(base, budget)
+            routers[name], found[name] = copy.deepcopy(routers[fixed]), found[fixed]
     notes: dict[str, Any] = {}
     for name, router in routers.items():
         rec = found.get(name, {})
@@ -148,15 +162,68 @@ def benchmark_tasks(cfg: R2VConfig) -> list:
     return tasks
 
 
+def pace_waves(cfg: R2VConfig, tasks: list) -> list[list[tuple[Any, int]]]:
+    """The held-out episodes (task, seed) in one seeded order, cut into waves of `eval.pace_wave`: the stream a
+    paced router plays, the same on every run."""
+    import random
+
+    episodes = [(task, seed) for task in tasks for seed in cfg.eval.perturbation_seeds]
+    random.Random(cfg.seed).shuffle(episodes)
+    size = cfg.eval.pace_wave
+    return [episodes[i:i + size] for i in range(0, len(episodes), size)]
+
+
+def play_paced(cfg: R2VConfig, paced: dict[str, tuple[Router, float]], tasks: list, play) -> dict[str, dict]:
+    """Play each paced router {name: (router at its calibrated τ, budget B)} on the held-out episodes, wave by
+    wave (`pace_waves`): wave 0 at the calibrated τ, wave k at `paced_threshold` of everything waves < k met and
+    escalated, so the stream's running LLM-call rate is pulled to B on games the calibration never saw.
+    `play({policy: router}, units)` plays units and returns their step rows. A wave's routing is an ordinary
+    routed policy (router, τ), so its episodes are shared with any method routing alike (wave 0 with `R@B`)
+    and a re-run replays nothing. Returns {name: {units, taus, wave_rates}}."""
+    import numpy as np
+
+    from r2v.rollout.engine import Unit, of_units
+    from r2v.rollout.live_budget import routing_name
+    from r2v.router.thresholds import paced_threshold
+
+    waves = pace_waves(cfg, tasks)
+    out = {name: {"units": [], "taus": [], "wave_rates": []} for name in paced}
+    risks: dict[str, list] = {name: [] for name in paced}  # the risk of every step each router met so far
+    calls, steps = dict.fromkeys(paced, 0), dict.fromkeys(paced, 0)
+    taus = {name: float(router.threshold) for name, (router, _) in paced.items()}
+    for k, wave in enumerate(waves):
+        routings, units = {}, {}
+        for name, (router, _) in paced.items():
+            routed = copy.deepcopy(router)
+            routed.threshold, routed.strict = taus[name], False
+            policy = "routed-" + routing_name(routed, taus[name])
+            routings[policy] = routed
+            units[name] = [Unit(task, cfg.eval.split, seed, 0, policy) for task, seed in wave]
+        print(f"[eval] paced wave {k + 1}/{len(waves)}: {len(wave)} episodes x {len(paced)} paced routers")
+        rows = play(routings, [u for us in units.values() for u in us])
+        for name, (_, budget) in paced.items():
+            rec, part = out[name], of_units(rows, units[name])
+            rec["units"] += units[name]
+            rec["taus"].append(taus[name])
+            rec["wave_rates"].append(float((part["actor"] == "teacher").mean()))
+            risks[name].append(part["risk"].dropna().to_numpy(np.float64))
+            calls[name] += int((part["actor"] == "teacher").sum())
+            steps[name] += len(part)
+            if k + 1 < len(waves):
+                next_steps = steps[name] / len(rec["units"]) * len(waves[k + 1])  # at the stream's steps per episode
+                taus[name] = paced_threshold(np.concatenate(risks[name]), calls[name], steps[name], budget, next_steps)
+    return out
+
+
 def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str, Any]:
     """Play every method live on `eval.split` and write the per-method summary (default
     runs/<exp>/eval/summary.json; `make bench` writes its wider router matrix elsewhere)."""
     import ray
 
-    from r2v.eval.metrics import summarise_method
+    from r2v.eval.metrics import split_method, summarise_method
     from r2v.policies.slm import start_slm_server
     from r2v.ray_utils import init_ray
-    from r2v.rollout.engine import collect, plan_units
+    from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.live_budget import routing_name
     from r2v.rollout.router_rows import RoutedAgentFactory
     from r2v.rollout.stage import collection_inputs, tasks_by_split
@@ -169,8 +236,12 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
         raise R2VError(f"split `{cfg.eval.split}` has no tasks; add tasks or change env.split_fractions")
     model_dir = str(exp.deployed_policy_dir())
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
+    paced = {name: (router, split_method(name)[1]) for name, router in routers.items()
+             if split_method(name)[0].endswith(PACED)}
     factories, units, policy_of = {}, [], {}
     for name, router in routers.items():
+        if name in paced:
+            continue
         # methods that route identically (same router, same τ: e.g. `r2v` and `r2v@<router.budget>`) share episodes
         policy = policy_of[name] = "routed-" + routing_name(router, router.threshold)
         if policy not in factories:
@@ -193,15 +264,33 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
         # or retraining the router keeps every episode of routings that did not change
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
         collect(cfg, units, factories, exp.eval_episodes, inputs=inputs)
+        store = ShardStore(exp.eval_episodes, "steps")
+
+        def play(routings: dict[str, Router], wave: list) -> Any:
+            wave = list({u.key: u for u in wave}.values())  # paced routers at one τ share a wave's episodes
+            agents = {policy: RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
+                      for policy, router in routings.items()}
+            collect(cfg, wave, agents, exp.eval_episodes, inputs=inputs)
+            return store.read_pandas(["task_id", "perturbation_seed", "policy", "actor", "risk"],
+                                     keys=sorted({u.key for u in wave}))
+
+        paced_runs = play_paced(cfg, paced, tasks[cfg.eval.split], play) if paced else {}
     finally:
         ray.kill(server)
-    df = ShardStore(exp.eval_episodes, "steps").read_pandas()
+    df = store.read_pandas()
     results: dict[str, Any] = {}
     for name in routers:
-        part = df[df["policy"] == policy_of[name]]
+        if name in paced:
+            run = paced_runs[name]
+            part = of_units(df, run["units"])
+            extra = {"policy": None, "episodes": [[u.task.task_id, u.seed, u.policy] for u in run["units"]],
+                     "pacing": {"wave_episodes": cfg.eval.pace_wave, "taus": run["taus"],
+                                "wave_rates": run["wave_rates"]}}
+        else:
+            part, extra = df[df["policy"] == policy_of[name]], {"policy": policy_of[name]}
         row = summarise_method(part, c_slm=cfg.router.cost_slm, c_llm=cfg.router.cost_llm,
                                n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed)
-        row.update({"ece": None, "brier": None, "policy": policy_of[name], **notes[name],
+        row.update({"ece": None, "brier": None, **extra, **notes[name],
                     "escalation_errors": int(part["escalation_error"].notna().sum())})
         results[name] = row
     for name, cal in offline_calibration(cfg, routers).items():

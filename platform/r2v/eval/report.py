@@ -27,10 +27,10 @@ from r2v.experiment import Experiment, read_selection
 
 # a budgeted method's target and the rate its τ gave on the calibration games, beside the realised test rate
 RESULT_KEYS = SUMMARY_KEYS + ("budget", "calibration_call_rate", "threshold")
-ROUTER_ORDER = ("r2v", "entropy", "random", "verifier", "heuristic", "pre_execution", "steer")
+ROUTER_ORDER = ("r2v", "r2v_paced", "entropy", "random", "verifier", "heuristic", "pre_execution", "steer")
 TEACHER, SLM = "llm_only", "slm_only"
 AUC_MAX, TEACHER_MARGIN = 0.5, 0.02  # AUC over calls/step in [0, 0.5]; "teacher quality" = teacher − 2 points
-STEP_COLUMNS = ["policy", "task_id", "episode_id", "episode_success", "actor"]
+STEP_COLUMNS = ["policy", "task_id", "perturbation_seed", "episode_id", "episode_success", "actor"]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -88,15 +88,19 @@ def method_steps(results: dict[str, dict[str, Any]], steps) -> Any:
     """The step records of every method in `results`, labelled with a `method` column, or None when some method's
     episodes are not there (then no paired bootstrap: its CIs would silently leave that method out).
 
-    A method's episodes are those of its row's `policy` (eval shares one routing between methods that route
-    identically, e.g. `r2v` and `r2v@<router.budget>`), else of `routed-<method>` (older evals)."""
+    A method's episodes are its row's `episodes` (task, seed, policy: a paced router's waves route at different τ),
+    else those of its `policy` (eval shares one routing between methods that route identically, e.g. `r2v` and
+    `r2v@<router.budget>`), else of `routed-<method>` (older evals)."""
     import pandas as pd
+
+    from r2v.rollout.engine import of_episodes
 
     if steps is None or not len(steps):
         return None
     parts = []
     for name, r in results.items():
-        part = steps[steps["policy"] == (r.get("policy") or f"routed-{name}")]
+        part = (of_episodes(steps, r["episodes"]) if r.get("episodes")
+                else steps[steps["policy"] == (r.get("policy") or f"routed-{name}")])
         if part.empty:
             print(f"[report] no episodes of `{name}` among the eval's step records: frontier CIs omitted")
             return None
@@ -171,8 +175,9 @@ def plot_frontier(results: dict[str, dict[str, Any]], path, sweep_frontier=None)
         rows = [results[n] for n in curves[base]] + ([slm] if slm else [])
         pts = sorted((0.0 if r is slm else r["llm_call_rate"], r["success"], *r["success_ci"]) for r in rows)
         x, y, lo, hi = (np.asarray(v, dtype=float) for v in zip(*pts))
-        line, = ax.plot(x, y, "-" if base == "r2v" else "--", marker="o", markersize=4,
-                        lw=2.2 if base == "r2v" else 1.3, label=f"{base} @ budgets")
+        own = base.startswith("r2v")
+        line, = ax.plot(x, y, "-" if own else "--", marker="o", markersize=4, lw=2.2 if own else 1.3,
+                        label=f"{base} @ budgets")
         colors[base] = line.get_color()
         ax.fill_between(x, lo, hi, color=colors[base], alpha=0.15, lw=0)
     if TEACHER in results:
@@ -267,6 +272,26 @@ def budget_choice_section(choice: dict[str, Any] | None) -> str:
             "test games.\n\n" + "\n".join(lines) + "\n")
 
 
+def pacing_section(results: dict[str, dict[str, Any]]) -> str:
+    """How each paced router (`eval.paced_methods`) moved τ wave by wave on the test stream, beside its fixed self."""
+    paced = {n: r for n, r in results.items() if r.get("pacing")}
+    if not paced:
+        return ""
+    lines = ["| method | target | realised (fixed τ) | realised (paced) | τ per wave | calls/step per wave |",
+             "|---|---|---|---|---|---|"]
+    for name, r in sorted(paced.items(), key=lambda kv: split_method(kv[0])[1]):
+        base, budget = split_method(name)
+        fixed = results.get(f"{base.removesuffix('_paced')}@{budget:g}", {})
+        lines.append(f"| {name} | {budget:g} | {_fmt(fixed.get('llm_call_rate'))} | {_fmt(r['llm_call_rate'])} "
+                     f"| {' → '.join(f'{t:.3f}' for t in r['pacing']['taus'])} "
+                     f"| {' / '.join(f'{x:.2f}' for x in r['pacing']['wave_rates'])} |")
+    wave = next(iter(paced.values()))["pacing"]["wave_episodes"]
+    return ("\n## Paced routers (eval.paced_methods)\n\nThe test episodes in one seeded order, in waves of "
+            f"{wave}: the first at the τ calibrated on the val games, each next at the τ that brings the running "
+            "LLM-call rate to the target (from the risks the router met, no labels; `serve.pace_budget` does this "
+            "per step).\n\n" + "\n".join(lines) + "\n")
+
+
 def benchmark_section(bench: dict[str, Any]) -> str:
     """results.md's table of the real benchmark tasks (eval/benchmark.json): its own tasks, its own CIs."""
     seeds = ", ".join(str(s) for s in bench["perturbation_seeds"])
@@ -301,7 +326,7 @@ def write_results(results: dict[str, dict[str, Any]], out, title: str, *, steps=
         f"# {title}\n\n" + markdown_table(results)
         + "\n## Matched LLM-call budgets\n\nsuccess [95% CI by game] @ realised live LLM calls/step on the test games "
           "(the rate the same τ gave on the calibration games)\n\n"
-        + budget_table(results) + "\n## Frontier per router\n\n" + frontier_table(front)
+        + budget_table(results) + pacing_section(results) + "\n## Frontier per router\n\n" + frontier_table(front)
         + budget_choice_section(budget_choice)
         + ("" if selection is None else "\n## Deployed SLM (select-policy)\n\n" + selection_table(selection))
         + ("" if benchmark is None else benchmark_section(benchmark)))

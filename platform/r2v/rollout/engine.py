@@ -129,7 +129,12 @@ def of_units(df, units: list[Unit]):
     """The step rows of `df` that belong to `units` (task, seed, policy): a collection folder keeps the episodes
     of tasks, seeds or policies configured before (shards are never deleted), which must not leak into what is
     built from this run. Branch units are not matched (their rows' policy carries the branch step)."""
-    keys = {(u.task.task_id, u.seed, u.policy) for u in units}
+    return of_episodes(df, [(u.task.task_id, u.seed, u.policy) for u in units])
+
+
+def of_episodes(df, episodes) -> Any:
+    """The step rows of `df` whose (task_id, perturbation_seed, policy) is one of `episodes`."""
+    keys = {(t, int(s), p) for t, s, p in episodes}
     return df[[(t, int(s), p) in keys for t, s, p in zip(df["task_id"], df["perturbation_seed"], df["policy"])]]
 
 

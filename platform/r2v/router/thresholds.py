@@ -82,6 +82,16 @@ class BudgetPacer:
         return self.escalations / self.steps if self.steps else 0.0
 
 
+def paced_threshold(risks: Any, escalations: int, steps: int, budget: float, next_steps: float) -> float:
+    """The τ for the next wave of a paced stream (eval's `<router>_paced@B`): among the risks the routed stream met
+    so far, the τ that escalates the share of the next `next_steps` steps which brings the running rate
+    (`escalations` of `steps`) to `budget` by the wave's end, clipped to [0, 1]: what earlier waves under- or
+    over-spent is made up. No labels, only the router's own risks and decisions; the batch counterpart of
+    `BudgetPacer`, whose per-step gain would overshoot when a whole wave's steps land at once."""
+    share = (budget * (steps + next_steps) - escalations) / max(float(next_steps), 1.0)
+    return budget_threshold(risks, min(1.0, max(0.0, share)))
+
+
 def bayes_threshold(c_llm: float, c_slm: float, kappa: float) -> float:
     """τ* = (c_LLM − c_SLM)/κ, clipped to [0, 1]."""
     if kappa <= 0:
