@@ -2,14 +2,14 @@
 
     python -m bench.router_matrix [--config conf/quickstart.yaml] [--exp quickstart --runs-dir runs]
 
-The demo evaluates R2V, entropy and random at each budget of `eval.budgets`; this bench adds the verifier
-score, the heuristic rule's score, the pre-execution router and the training-free STEER-style router
-(`eval.budget_methods` = all of them), each set by routed episodes on the calibration games to escalate the
-budget's share of live steps, then played on the test games. Episodes are cached per routing (router, τ)
-in runs/<exp>/eval/episodes, so the demo's routings are not played again. The summary goes to
-runs/bench/router_matrix_summary.json (the demo's eval/summary.json is left as it is) and the per-router
-frontier numbers (area under success vs calls/step on [0, 0.5], calls/step to reach the teacher − 2 points)
-to runs/bench/router_matrix.json.
+The demo evaluates R2V (fixed τ and paced) and random at each budget of `eval.budgets`; this bench adds
+entropy, the verifier score, the heuristic rule's score, the pre-execution router and the training-free
+STEER-style router (`eval.budget_methods` = all of them), each set by routed episodes on the calibration games
+to escalate the budget's share of live steps, then played on the test games (`eval.paced_methods` are also
+played paced, as in the demo). Episodes are cached per routing (router, τ) in runs/<exp>/eval/episodes, so the
+demo's routings are not played again. The summary goes to runs/bench/router_matrix_summary.json (the demo's
+eval/summary.json is left as it is) and the per-router frontier numbers (area under success vs calls/step on
+[0, 0.5], calls/step to reach the teacher − 2 points) to runs/bench/router_matrix.json.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
 
     from r2v.config import load_config
-    from r2v.eval.live import run_eval
+    from r2v.eval.live import PACED, run_eval
     from r2v.data import ShardStore
     from r2v.eval.report import STEP_COLUMNS, frontier_of
     from r2v.experiment import Experiment
@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     steps = ShardStore(Experiment(cfg).eval_episodes, "steps").read_pandas(columns=STEP_COLUMNS)
     frontier = frontier_of(results, steps, n_boot=cfg.eval.bootstrap_samples, seed=cfg.seed)
     print(f"\nEvery router at matched live budgets ({args.exp}, test games x {len(cfg.eval.perturbation_seeds)} seeds)")
+    routers = [ALL_ROUTERS[0], *(f"{b}{PACED}" for b in cfg.eval.paced_methods), *ALL_ROUTERS[1:]]
     print(f"{'router':<15}" + "".join(f"{'@' + format(b, 'g'):>22}" for b in cfg.eval.budgets))
-    for base in ALL_ROUTERS:
+    for base in routers:
         cells = []
         for b in cfg.eval.budgets:
             r = results.get(f"{base}@{b:g}")
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for base, row in frontier.items():
         to = row.get("calls_to_target")
         print(f"{base:<15}{row.get('auc') or float('nan'):>14.3f}{(f'{to:.3f}' if to is not None else 'not reached'):>22}")
-    result = {"status": "ok", "experiment": args.exp, "budgets": list(cfg.eval.budgets), "routers": ALL_ROUTERS,
+    result = {"status": "ok", "experiment": args.exp, "budgets": list(cfg.eval.budgets), "routers": routers,
               "results": results, "frontier": frontier}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=float))
