@@ -552,7 +552,7 @@ def test_twin_scale_routes_the_twin_at_the_same_escalation_share():
 
 
 def test_budget_pacer_holds_the_rate_where_a_fixed_threshold_drifts():
-    """A τ set on calibration games meets riskier (or safer) ones in deployment; the pacer moves τ until the
+    """A τ set on calibration games meets riskier (or safer) ones in deployment; the pacer retunes τ until the
     running rate is the budget, and leaves it near where it was on a stream like the calibration one."""
     from r2v.router.thresholds import BudgetPacer
 
@@ -560,13 +560,13 @@ def test_budget_pacer_holds_the_rate_where_a_fixed_threshold_drifts():
     tau = budget_threshold(rng.beta(2, 5, 5000), 0.3)
     for live, drift in ((rng.beta(2, 3, 20000), +1), (rng.beta(2, 9, 20000), -1), (rng.beta(2, 5, 20000), 0)):
         fixed = float(np.mean(live >= tau))
-        pacer = BudgetPacer(tau, 0.3, gain=0.01)
+        pacer = BudgetPacer(tau, 0.3, every=200, memory=5000)
         escalated = []
         for p in live:
             escalated.append(bool(p >= pacer.tau))
-            pacer.observe(escalated[-1])
-        assert abs(np.mean(escalated[5000:]) - 0.3) < 0.02 and pacer.steps == len(live)
-        assert pacer.rate == pytest.approx(np.mean(escalated))
+            pacer.observe(p, escalated[-1])
+        assert abs(np.mean(escalated[2000:]) - 0.3) < 0.02 and abs(np.mean(escalated) - 0.3) < 0.02
+        assert pacer.steps == len(live) and pacer.rate == pytest.approx(np.mean(escalated))
         if drift:
             assert drift * (fixed - 0.3) > 0.1  # the fixed τ misses the budget by more than 0.1
             assert drift * (pacer.tau - tau) > 0.05  # riskier stream: τ rose; safer: it fell
@@ -576,6 +576,24 @@ def test_budget_pacer_holds_the_rate_where_a_fixed_threshold_drifts():
         BudgetPacer(tau, 1.5)
     with pytest.raises(R2VError, match="finite threshold"):
         BudgetPacer(math.inf, 0.3)
+
+
+def test_budget_pacer_makes_up_what_earlier_steps_underspent():
+    """`retune(n)` aims the running rate, not the next steps' alone, at the budget; steps without a risk count as
+    steps; until a retune (or with no risk seen) τ stays where it is."""
+    from r2v.router.thresholds import BudgetPacer
+
+    risks = np.linspace(0.0, 1.0, 101)[:100]  # 100 distinct risks: a τ can escalate any whole share
+    pacer = BudgetPacer(0.9, 0.3)
+    for p in risks:
+        pacer.observe(p, p >= 0.9)  # 10 of 100 escalated: 20 calls short of 0.3
+    assert pacer.tau == 0.9 and pacer.rate == pytest.approx(0.1)
+    tau = pacer.retune(100)  # the next 100 steps need 40 calls for 60 of 200
+    assert np.mean(risks >= tau) == pytest.approx(0.5)
+    assert BudgetPacer(0.9, 0.3).retune(100) == 0.9  # nothing seen yet: τ stays
+    nan_first = BudgetPacer(0.9, 0.3, every=2)
+    nan_first.observe(float("nan"), True)
+    assert nan_first.observe(float("nan"), False) == 0.9 and nan_first.steps == 2
 
 
 def test_served_router_paces_to_serve_pace_budget(tmp_path):

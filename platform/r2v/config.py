@@ -389,10 +389,12 @@ class ServeConfig:
     fallback_router: str = "entropy"  # served when the r2v checkpoint is missing
     threshold: Optional[float] = None  # overrides the router's own threshold
     threshold_file: Optional[str] = None  # a sweep's best-<budget>.yaml (its router + τ) or a YAML with `threshold`
-    # hold the served LLM-call rate at this share of steps by moving τ after every step (r2v.router.thresholds.
-    # BudgetPacer, per router replica); None: τ stays where it was calibrated
+    # hold the served LLM-call rate at this share of steps by retuning τ from the risks the router met
+    # (r2v.router.thresholds.BudgetPacer, per router replica; eval's paced routers run the same); None: τ stays
+    # where it was calibrated
     pace_budget: Optional[float] = None
-    pace_gain: float = 0.01  # τ's step per routed step (risk units): larger tracks faster, wobbles more
+    pace_every: int = 200  # routed steps between retunes of τ (about one eval wave of the quickstart)
+    pace_memory: int = 5000  # the last routed steps whose risks and calls a retune reads (older ones are forgotten)
     max_batch_size: int = 16  # the SLM deployment's batches (r2v.policies.slm.SLMBatcher)
     batch_wait_timeout_s: float = 0.005  # how long a lone request waits for company
     speculative_verify: bool = True  # rank mode: verify every admissible action while the SLM runs (one hop less)
@@ -700,9 +702,11 @@ def validate(cfg: R2VConfig) -> None:
     if min(weights.values()) < 0 or not any(weights.values()) or cfg.dpo.negatives < 1:
         raise ConfigError(f"`dpo` term weights {weights} must be >= 0 with at least one > 0, and `dpo.negatives` "
                           f"(= {cfg.dpo.negatives}) >= 1")
-    if cfg.serve.pace_budget is not None and not (0 <= cfg.serve.pace_budget <= 1 and cfg.serve.pace_gain > 0):
-        raise ConfigError(f"`serve.pace_budget` = {cfg.serve.pace_budget} must be an LLM-call rate in [0, 1] and "
-                          f"`serve.pace_gain` = {cfg.serve.pace_gain} > 0 (or pace_budget=null: τ stays fixed)")
+    if cfg.serve.pace_budget is not None and not (0 <= cfg.serve.pace_budget <= 1 and cfg.serve.pace_every >= 1
+                                                  and cfg.serve.pace_memory >= cfg.serve.pace_every):
+        raise ConfigError(f"`serve.pace_budget` = {cfg.serve.pace_budget} must be an LLM-call rate in [0, 1], "
+                          f"`serve.pace_every` = {cfg.serve.pace_every} >= 1 and `serve.pace_memory` = "
+                          f"{cfg.serve.pace_memory} >= pace_every (or pace_budget=null: τ stays fixed)")
     if not 0 < cfg.router.alpha <= 1:
         raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
     if not 0 <= cfg.router.budget <= 1:

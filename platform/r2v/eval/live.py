@@ -175,43 +175,38 @@ def pace_waves(cfg: R2VConfig, tasks: list) -> list[list[tuple[Any, int]]]:
 
 def play_paced(cfg: R2VConfig, paced: dict[str, tuple[Router, float]], tasks: list, play) -> dict[str, dict]:
     """Play each paced router {name: (router at its calibrated τ, budget B)} on the held-out episodes, wave by
-    wave (`pace_waves`): wave 0 at the calibrated τ, wave k at `paced_threshold` of everything waves < k met and
-    escalated, so the stream's running LLM-call rate is pulled to B on games the calibration never saw.
+    wave (`pace_waves`): wave 0 at the calibrated τ, wave k at the τ Serve's pacer (`BudgetPacer`) retunes to
+    from everything waves < k met and escalated, so the stream's running LLM-call rate is pulled to B on games the
+    calibration never saw.
     `play({policy: router}, units)` plays units and returns their step rows. A wave's routing is an ordinary
     routed policy (router, τ), so its episodes are shared with any method routing alike (wave 0 with `R@B`)
     and a re-run replays nothing. Returns {name: {units, taus, wave_rates}}."""
-    import numpy as np
-
     from r2v.rollout.engine import Unit, of_units
     from r2v.rollout.live_budget import routing_name
-    from r2v.router.thresholds import paced_threshold
+    from r2v.router.thresholds import BudgetPacer
 
     waves = pace_waves(cfg, tasks)
     out = {name: {"units": [], "taus": [], "wave_rates": []} for name in paced}
-    risks: dict[str, list] = {name: [] for name in paced}  # the risk of every step each router met so far
-    calls, steps = dict.fromkeys(paced, 0), dict.fromkeys(paced, 0)
-    taus = {name: float(router.threshold) for name, (router, _) in paced.items()}
+    pacers = {name: BudgetPacer(router.threshold, budget) for name, (router, budget) in paced.items()}
     for k, wave in enumerate(waves):
         routings, units = {}, {}
         for name, (router, _) in paced.items():
             routed = copy.deepcopy(router)
-            routed.threshold, routed.strict = taus[name], False
-            policy = "routed-" + routing_name(routed, taus[name])
+            routed.threshold, routed.strict = pacers[name].tau, False
+            policy = "routed-" + routing_name(routed, routed.threshold)
             routings[policy] = routed
             units[name] = [Unit(task, cfg.eval.split, seed, 0, policy) for task, seed in wave]
         print(f"[eval] paced wave {k + 1}/{len(waves)}: {len(wave)} episodes x {len(paced)} paced routers")
         rows = play(routings, [u for us in units.values() for u in us])
-        for name, (_, budget) in paced.items():
+        for name, pacer in pacers.items():
             rec, part = out[name], of_units(rows, units[name])
             rec["units"] += units[name]
-            rec["taus"].append(taus[name])
+            rec["taus"].append(pacer.tau)
             rec["wave_rates"].append(float((part["actor"] == "teacher").mean()))
-            risks[name].append(part["risk"].dropna().to_numpy(np.float64))
-            calls[name] += int((part["actor"] == "teacher").sum())
-            steps[name] += len(part)
-            if k + 1 < len(waves):
-                next_steps = steps[name] / len(rec["units"]) * len(waves[k + 1])  # at the stream's steps per episode
-                taus[name] = paced_threshold(np.concatenate(risks[name]), calls[name], steps[name], budget, next_steps)
+            for risk, actor in zip(part["risk"], part["actor"]):
+                pacer.observe(risk, actor == "teacher")
+            if k + 1 < len(waves):  # the next wave's steps, at the stream's steps per episode so far
+                pacer.retune(pacer.steps / len(rec["units"]) * len(waves[k + 1]))
     return out
 
 

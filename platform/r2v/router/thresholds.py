@@ -11,6 +11,7 @@ Three ways to pick τ (`router.threshold`):
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any, Callable
 
 import numpy as np
@@ -50,30 +51,46 @@ def quantile_map(values: Any, source: Any, target: Any) -> np.ndarray:
 
 
 class BudgetPacer:
-    """Holds a served stream's LLM-call rate at `budget` by moving τ after every routed step,
-    τ ← τ + gain·(escalated − budget): a Robbins–Monro step toward the τ whose escalation rate is the budget.
+    """Holds a routed stream's LLM-call rate at `budget` by moving τ; the same controller in Serve and in eval.
 
     A τ set on the calibration games meets other tasks in deployment, and the rate moves with them (on the
     quickstart the τ that escalated 0.416 of the validation games' live steps escalated 0.307 of the test games').
-    The pacer starts at the calibrated τ, so a stream like the calibration games barely moves it; a riskier or
-    safer one moves τ until the running rate is the budget. It trades per-step reproducibility (the same state
-    may route differently later in the stream) for the rate the user asked for, so it is opt-in
-    (`serve.pace_budget`)."""
+    The pacer starts at the calibrated τ and records every routed step's risk and decision; each `retune` sets τ
+    to `paced_threshold` of the last `memory` of them: the τ that, among the risks the stream met, escalates the
+    share of the next steps that brings the running rate back to the budget. No labels, only the router's own
+    risks and decisions. Serve retunes every `every` routed steps, per router replica (`serve.pace_every`,
+    `serve.pace_memory`); eval's paced routers (`r2v.eval.live.play_paced`) after each wave of episodes, played in
+    a fixed order, so their numbers reproduce. A paced router may route the same state differently later in the
+    stream, so Serve paces only on request (`serve.pace_budget`)."""
 
-    def __init__(self, tau: float, budget: float, gain: float = 0.01):
+    def __init__(self, tau: float, budget: float, every: int | None = None, memory: int | None = None):
         if not 0.0 <= budget <= 1.0:
             raise R2VError(f"pacing budget {budget} must be an LLM-call rate in [0, 1] (serve.pace_budget)")
-        if gain <= 0 or not math.isfinite(tau):
-            raise R2VError(f"pacing needs a finite threshold and a gain > 0 (serve.pace_gain), got τ = {tau}, "
-                           f"gain = {gain}")
-        self.tau, self.budget, self.gain = float(tau), float(budget), float(gain)
-        self.steps = self.escalations = 0
+        if not math.isfinite(tau) or (every is not None and every < 1) or (memory is not None and memory < 1):
+            raise R2VError(f"pacing needs a finite threshold, and `every` / `memory` >= 1 steps when set "
+                           f"(serve.pace_every, serve.pace_memory); got τ = {tau}, every = {every}, memory = {memory}")
+        self.tau, self.budget, self.every = float(tau), float(budget), every
+        self.recent: deque = deque(maxlen=memory)  # (risk, escalated) of the last `memory` routed steps
+        self.steps = self.escalations = self._since = 0
 
-    def observe(self, escalated: bool) -> float:
-        """Count one routed step; returns the τ for the next."""
+    def observe(self, risk: float, escalated: bool) -> float:
+        """Record one routed step (a NaN risk counts as a step, not as a risk); returns the τ for the next,
+        retuned once `every` steps have passed since the last retune."""
         self.steps += 1
         self.escalations += int(bool(escalated))
-        self.tau += self.gain * (float(bool(escalated)) - self.budget)
+        self.recent.append((float(risk), bool(escalated)))
+        self._since += 1
+        if self.every is not None and self._since >= self.every:
+            self.retune(self.every)
+        return self.tau
+
+    def retune(self, next_steps: float) -> float:
+        """Set τ for the next `next_steps` steps from the recorded ones (unchanged while none had a risk)."""
+        self._since = 0
+        risks = np.fromiter((r for r, _ in self.recent), np.float64, len(self.recent))
+        if np.isfinite(risks).any():
+            calls = sum(e for _, e in self.recent)
+            self.tau = paced_threshold(risks[np.isfinite(risks)], calls, len(self.recent), self.budget, next_steps)
         return self.tau
 
     @property
@@ -83,11 +100,10 @@ class BudgetPacer:
 
 
 def paced_threshold(risks: Any, escalations: int, steps: int, budget: float, next_steps: float) -> float:
-    """The τ for the next wave of a paced stream (eval's `<router>_paced@B`): among the risks the routed stream met
-    so far, the τ that escalates the share of the next `next_steps` steps which brings the running rate
-    (`escalations` of `steps`) to `budget` by the wave's end, clipped to [0, 1]: what earlier waves under- or
-    over-spent is made up. No labels, only the router's own risks and decisions; the batch counterpart of
-    `BudgetPacer`, whose per-step gain would overshoot when a whole wave's steps land at once."""
+    """`BudgetPacer`'s step: among the risks a routed stream met, the τ that escalates the share of the next
+    `next_steps` steps which brings the running rate (`escalations` of `steps`) to `budget` by then, clipped to
+    [0, 1]: what earlier steps under- or over-spent is made up. At the fixed point, the B-quantile of the risks
+    met under routing, as in `live_budget_search`."""
     share = (budget * (steps + next_steps) - escalations) / max(float(next_steps), 1.0)
     return budget_threshold(risks, min(1.0, max(0.0, share)))
 

@@ -85,13 +85,13 @@ class RouterDeployment:
 
     def decide(self, features: dict[str, float], action: str = ""):
         """r2v.policies.routed.route (StepCalls.route's shape; the proposed `action` only matters to the oracle
-        router, which cannot be served). With a pacer, τ moves after each decision (serve.pace_budget)."""
+        router, which cannot be served). With a pacer, τ is retuned every serve.pace_every decisions (serve.pace_budget)."""
         from r2v.policies.routed import route
 
         self.router.reset()  # no episode state across requests (per-session state lives in the features)
         verdict = route(self.router, features)
         if self.pacer is not None:
-            self.router.threshold = self.pacer.observe(verdict.escalate)
+            self.router.threshold = self.pacer.observe(verdict.risk, verdict.escalate)
         return verdict
 
     def info(self) -> dict[str, Any]:

@@ -126,7 +126,7 @@ def serving_pacer(cfg: R2VConfig, router):
     if router.fixed:
         raise ConfigError(f"serve.pace_budget = {cfg.serve.pace_budget}: the served router {router.name!r} has no "
                           f"threshold to move; serve a thresholded router or set serve.pace_budget=null")
-    return BudgetPacer(router.threshold, cfg.serve.pace_budget, cfg.serve.pace_gain)
+    return BudgetPacer(router.threshold, cfg.serve.pace_budget, cfg.serve.pace_every, cfg.serve.pace_memory)
 
 
 def load_verifier(cfg: R2VConfig, models_dir: str | Path):
