@@ -288,8 +288,8 @@ def pacing_section(results: dict[str, dict[str, Any]]) -> str:
     wave = next(iter(paced.values()))["pacing"]["wave_episodes"]
     return ("\n## Paced routers (eval.paced_methods)\n\nThe test episodes in one seeded order, in waves of "
             f"{wave}: the first at the τ calibrated on the val games, each next at the τ that brings the running "
-            "LLM-call rate to the target (from the risks the router met, no labels; `serve.pace_budget` does this "
-            "per step).\n\n" + "\n".join(lines) + "\n")
+            "LLM-call rate to the target (`BudgetPacer`, from the risks the router met and the calls it made, no "
+            "labels: what Serve runs with `serve.pace_budget`).\n\n" + "\n".join(lines) + "\n")
 
 
 def benchmark_section(bench: dict[str, Any]) -> str:
