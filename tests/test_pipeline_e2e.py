@@ -33,12 +33,16 @@ def test_quickstart_shaped_pipeline_end_to_end(ray_local, tmp_path, tw_session_c
 
     exp = tmp_path / "e2e"
     results = json.loads((exp / "report" / "results.json").read_text())
-    budgeted = {f"{m}@0.5" for m in cfg.eval.budget_methods}  # each router at each budget of live calls, live
+    paced = {f"{m}_paced@0.5" for m in cfg.eval.paced_methods}  # ... and the quickstart's r2v also paced to it
+    budgeted = {f"{m}@0.5" for m in cfg.eval.budget_methods} | paced  # each router at each budget of live calls
     frontier = results.pop("frontier")  # per-router summaries of the matched-budget curves
     selection = results.pop("slm_selection")  # select-policy: BC vs DPO on the validation games, the deployed one
     choice = results.pop("budget_choice")  # router.choose_budget: eval.budgets tried on the val games
     assert selection["selected"] in ("bc", "dpo") and set(selection["candidates"]) == {"bc", "dpo"}
-    assert set(results) == set(cfg.eval.methods) | budgeted and set(frontier) == set(cfg.eval.budget_methods)
+    assert paced == {"r2v_paced@0.5"} and set(results) == set(cfg.eval.methods) | budgeted
+    assert set(frontier) == set(cfg.eval.budget_methods) | {"r2v_paced"}
+    pacing = results["r2v_paced@0.5"]["extra"]["pacing"]  # the first wave starts where r2v@0.5 was calibrated
+    assert pacing["taus"][0] == pytest.approx(results["r2v@0.5"]["threshold"]) and len(pacing["wave_rates"]) >= 1
     assert 0.2 < results["random@0.5"]["llm_call_rate"] < 0.8
     n_test = len(json.loads((exp / "tasks" / "splits.json").read_text())["splits"]["test"])
     for name, r in results.items():

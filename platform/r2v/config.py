@@ -365,8 +365,8 @@ class EvalConfig:
     budget_methods: list[str] = field(default_factory=lambda: ["r2v", "entropy", "random"])
     # routers of `budget_methods` also played *paced* at each budget B, as `<R>_paced@B`: the first wave of
     # `pace_wave` test episodes at the calibrated τ, each next wave at the τ that brings the running LLM-call rate
-    # to B (`r2v.router.thresholds.paced_threshold`, from the risks the router met; no labels): what Serve with
-    # serve.pace_budget=B delivers, in a fixed episode order so the numbers reproduce
+    # to B (`r2v.router.thresholds.BudgetPacer`, from the risks the router met; no labels): the controller Serve
+    # runs with serve.pace_budget=B, retuned between waves in a fixed episode order so the numbers reproduce
     paced_methods: list[str] = field(default_factory=list)
     pace_wave: int = 24
     benchmark: BenchmarkEvalConfig = field(default_factory=BenchmarkEvalConfig)

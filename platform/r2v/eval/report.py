@@ -274,6 +274,8 @@ def budget_choice_section(choice: dict[str, Any] | None) -> str:
 
 def pacing_section(results: dict[str, dict[str, Any]]) -> str:
     """How each paced router (`eval.paced_methods`) moved τ wave by wave on the test stream, beside its fixed self."""
+    from r2v.eval.live import PACED
+
     paced = {n: r for n, r in results.items() if r.get("pacing")}
     if not paced:
         return ""
@@ -281,7 +283,7 @@ def pacing_section(results: dict[str, dict[str, Any]]) -> str:
              "|---|---|---|---|---|---|"]
     for name, r in sorted(paced.items(), key=lambda kv: split_method(kv[0])[1]):
         base, budget = split_method(name)
-        fixed = results.get(f"{base.removesuffix('_paced')}@{budget:g}", {})
+        fixed = results.get(f"{base.removesuffix(PACED)}@{budget:g}", {})
         lines.append(f"| {name} | {budget:g} | {_fmt(fixed.get('llm_call_rate'))} | {_fmt(r['llm_call_rate'])} "
                      f"| {' → '.join(f'{t:.3f}' for t in r['pacing']['taus'])} "
                      f"| {' / '.join(f'{x:.2f}' for x in r['pacing']['wave_rates'])} |")

@@ -85,7 +85,8 @@ class RouterDeployment:
 
     def decide(self, features: dict[str, float], action: str = ""):
         """r2v.policies.routed.route (StepCalls.route's shape; the proposed `action` only matters to the oracle
-        router, which cannot be served). With a pacer, τ is retuned every serve.pace_every decisions (serve.pace_budget)."""
+        router, which cannot be served). With a pacer (serve.pace_budget), τ is retuned every serve.pace_every
+        decisions."""
         from r2v.policies.routed import route
 
         self.router.reset()  # no episode state across requests (per-session state lives in the features)
