@@ -8,26 +8,25 @@ from r2v.router.thresholds import budget_threshold, live_budget_search, live_tol
 GOAL, MAX_STEPS = 12, 20
 
 
+def _episode(tau: float, rng, shape: tuple[float, float] = (2, 3)) -> list[tuple[float, bool]]:
+    """One episode at τ, base risks drawn from Beta(shape): (risk, escalated) per step. An SLM step advances 1, a
+    teacher step 3 and it lowers the risk of the next steps: escalating ends episodes sooner and avoids risky
+    states."""
+    pos, calm, out = 0, 0.0, []
+    for base in rng.beta(*shape, size=MAX_STEPS):
+        p = base * (1.0 - calm)
+        out.append((p, bool(p >= tau)))
+        pos, calm = (pos + 3, 0.9) if p >= tau else (pos + 1, calm * 0.7)
+        if pos >= GOAL:
+            break
+    return out
+
+
 def play(tau: float, episodes: int = 300, seed: int = 0) -> tuple[float, np.ndarray]:
-    """Live escalation rate of threshold τ, and the risks of every step played. An SLM step advances 1,
-    a teacher step 3 and it lowers the risk of the next steps: escalating ends episodes sooner and avoids risky states."""
+    """Live escalation rate of threshold τ over `episodes` episodes, and the risks of every step played."""
     rng = np.random.default_rng(seed)
-    calls = steps = 0
-    seen = []
-    for _ in range(episodes):
-        pos, calm = 0, 0.0
-        base = rng.beta(2, 3, size=MAX_STEPS)
-        for t in range(MAX_STEPS):
-            p = base[t] * (1.0 - calm)
-            seen.append(p)
-            steps += 1
-            if p >= tau:
-                calls, pos, calm = calls + 1, pos + 3, 0.9
-            else:
-                pos, calm = pos + 1, calm * 0.7
-            if pos >= GOAL:
-                break
-    return calls / steps, np.asarray(seen)
+    steps = [step for _ in range(episodes) for step in _episode(tau, rng)]
+    return float(np.mean([e for _, e in steps])), np.asarray([p for p, _ in steps])
 
 
 @pytest.mark.parametrize("budget", [0.1, 0.2, 0.3, 0.45, 0.6])
@@ -85,22 +84,10 @@ def test_default_budget_is_the_smallest_that_comes_within_the_teacher_gap():
     assert chosen_budget({k: v for k, v in found.items() if v["budget"] < 0.3}, 1.0, 0.02) is None
 
 
-def _episode(tau: float, rng, shape: tuple[float, float]) -> list[tuple[float, bool]]:
-    """One synthetic episode of `play` at τ, its risks drawn from Beta(shape): (risk, escalated) per step."""
-    pos, calm, out = 0, 0.0, []
-    for base in rng.beta(*shape, size=MAX_STEPS):
-        p = base * (1.0 - calm)
-        out.append((p, bool(p >= tau)))
-        pos, calm = (pos + 3, 0.9) if p >= tau else (pos + 1, calm * 0.7)
-        if pos >= GOAL:
-            break
-    return out
-
-
 @pytest.mark.parametrize("budget", [0.1, 0.3, 0.6])
 def test_pacing_holds_the_budget_on_games_safer_than_the_calibration_games(budget):
     """eval's `<router>_paced@B`: τ calibrated live on the calibration games misses B on held-out games whose risks
-    run lower; played in waves that each start from `paced_threshold`, the stream's rate comes within the
+    run lower; played in waves, τ retuned between them by `BudgetPacer`, the stream's rate comes within the
     tolerance. The waves are planned and played through `play_paced` itself, episodes by (task, seed)."""
     import pandas as pd
 
