@@ -272,7 +272,9 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
         paced_runs = play_paced(cfg, paced, tasks[cfg.eval.split], play) if paced else {}
     finally:
         ray.kill(server)
-    df = store.read_pandas()
+    # this eval's episodes only: the folder also keeps other routings' (e.g. `make bench`'s router matrix)
+    played = {u.key for u in units} | {u.key for run in paced_runs.values() for u in run["units"]}
+    df = store.read_pandas(keys=sorted(played))
     results: dict[str, Any] = {}
     for name in routers:
         if name in paced:
