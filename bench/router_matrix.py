@@ -3,8 +3,8 @@
     python -m bench.router_matrix [--config conf/quickstart.yaml] [--exp quickstart --runs-dir runs]
 
 The demo evaluates R2V (fixed τ and paced) and random at each budget of `eval.budgets`; this bench adds
-entropy, the verifier score, the heuristic rule's score, the pre-execution router and the training-free
-STEER-style router (`eval.budget_methods` = all of them), each set by routed episodes on the calibration games
+entropy, the verifier's score of the best candidate (`verifier`) and of the proposed action (`verifier_action`),
+the heuristic rule's score, the pre-execution router and the training-free STEER-style router (`eval.budget_methods` = all of them), each set by routed episodes on the calibration games
 to escalate the budget's share of live steps, then played on the test games (`eval.paced_methods` are also
 played paced, as in the demo). Episodes are cached per routing (router, τ) in runs/<exp>/eval/episodes, so the
 demo's routings are not played again. The summary goes to runs/bench/router_matrix_summary.json (the demo's
@@ -21,7 +21,7 @@ from typing import Any
 
 from bench import MISSING_INPUT
 
-ALL_ROUTERS = ["r2v", "entropy", "random", "verifier", "heuristic", "pre_execution", "steer"]
+ALL_ROUTERS = ["r2v", "entropy", "random", "verifier", "verifier_action", "heuristic", "pre_execution", "steer"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

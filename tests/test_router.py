@@ -437,7 +437,7 @@ def _feat(**kw):
 
 def test_registry_and_fixed_routers():
     assert set(ROUTERS) == {"r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier",
-                            "pre_execution", "steer", "oracle_teacher", "hindsight"}
+                            "verifier_action", "pre_execution", "steer", "oracle_teacher", "hindsight"}
     with pytest.raises(R2VError, match="unknown router"):
         make_router("nope")
     with pytest.raises(R2VError, match="bad arguments"):
@@ -465,6 +465,11 @@ def test_rule_routers():
     assert not heu.escalate(_feat(entropy=2.5, verifier_mean=0.4))
     ver = make_router("verifier")
     assert ver.escalate(_feat(verifier_best=0.49)) and not ver.escalate(_feat(verifier_best=0.5))
+    # a bad proposal beside a good candidate: only the router that reads the proposal's own score escalates
+    bad_pick = _feat(verifier_best=0.9, verifier_proposal=0.2)
+    act = make_router("verifier_action")
+    assert act.escalate(bad_pick) and not ver.escalate(bad_pick)
+    assert not act.escalate(_feat(verifier_proposal=0.5)) and act.escalate(_feat(verifier_proposal=0.49))
 
 
 def test_random_router_matches_budget_and_is_seeded():
@@ -477,11 +482,11 @@ def test_random_router_matches_budget_and_is_seeded():
 
 def test_thresholded_baselines_calibrate_to_budget():
     rng = np.random.default_rng(0)
-    val = [_feat(entropy=float(h), verifier_best=float(v), verifier_mean=float(v))
+    val = [_feat(entropy=float(h), verifier_best=float(v), verifier_mean=float(v), verifier_proposal=float(v))
            for h, v in zip(rng.exponential(1.0, 500), rng.random(500))]
-    test = [_feat(entropy=float(h), verifier_best=float(v), verifier_mean=float(v))
+    test = [_feat(entropy=float(h), verifier_best=float(v), verifier_mean=float(v), verifier_proposal=float(v))
             for h, v in zip(rng.exponential(1.0, 500), rng.random(500))]
-    for name in ("entropy", "heuristic", "verifier"):
+    for name in ("entropy", "heuristic", "verifier", "verifier_action"):
         r = make_router(name)
         tau, rate = r.calibrate(val, 0.2)
         assert 0.2 - 1 / 500 <= rate <= 0.2

@@ -354,8 +354,8 @@ class EvalConfig:
     perturbation_seeds: list[int] = field(default_factory=lambda: list(range(8)))
     methods: list[str] = field(
         default_factory=lambda: [
-            "r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "pre_execution",
-            "oracle_teacher", "hindsight",
+            "r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "verifier_action",
+            "pre_execution", "oracle_teacher", "hindsight",
         ]
     )
     bootstrap_samples: int = 1000
@@ -537,8 +537,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 # The vocabulary of every enumerated config value: checked at load (`validate`), imported by the code that
 # branches on it. ROUTER_KINDS is also the registry of r2v.router.baselines (a test keeps them equal).
-ROUTER_KINDS = ("r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "pre_execution", "steer",
-                "oracle_teacher", "hindsight")
+ROUTER_KINDS = ("r2v", "slm_only", "llm_only", "random", "entropy", "heuristic", "verifier", "verifier_action",
+                "pre_execution", "steer", "oracle_teacher", "hindsight")
 LABELS = ("episode", "step", "critical", "branch")
 THRESHOLDS = ("budget", "bayes", "cvar")
 CALIBRATIONS = ("temperature", "platt")

@@ -60,7 +60,7 @@ def paced_method(base: str, budget: float) -> str:
 
 
 # Baselines whose own rule is the method (a fixed threshold of their score); at a budget they are `name@B`.
-OWN_RULE = ("heuristic", "verifier")
+OWN_RULE = ("heuristic", "verifier", "verifier_action")
 
 
 def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:

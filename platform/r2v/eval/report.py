@@ -27,7 +27,8 @@ from r2v.experiment import Experiment, read_selection
 
 # a budgeted method's target and the rate its τ gave on the calibration games, beside the realised test rate
 RESULT_KEYS = SUMMARY_KEYS + ("budget", "calibration_call_rate", "threshold")
-ROUTER_ORDER = ("r2v", "r2v_paced", "entropy", "random", "verifier", "heuristic", "pre_execution", "steer")
+ROUTER_ORDER = ("r2v", "r2v_paced", "entropy", "random", "verifier", "verifier_action", "heuristic", "pre_execution",
+                "steer")
 TEACHER, SLM = "llm_only", "slm_only"
 AUC_MAX, TEACHER_MARGIN = 0.5, 0.02  # AUC over calls/step in [0, 0.5]; "teacher quality" = teacher − 2 points
 STEP_COLUMNS = ["policy", "task_id", "perturbation_seed", "episode_id", "episode_success", "actor"]

@@ -215,6 +215,20 @@ class VerifierRouter(Router):
         return 1.0 - _get(features, "verifier_best")
 
 
+@register("verifier_action")
+class VerifierActionRouter(Router):
+    """Escalates when the verifier scores the action about to be executed (the SLM's proposal) below 0.5:
+    risk = 1 − V(proposal). `verifier` asks whether *any* candidate looks good, so it stays quiet while the
+    SLM proposes a bad action beside a good one; this one reads the decision itself (the single feature
+    closest to what R2V learns)."""
+
+    def __init__(self, threshold: float = 0.5, strict: bool = True):
+        super().__init__(threshold, strict)
+
+    def risk(self, features: dict[str, float]) -> float:
+        return 1.0 - _get(features, "verifier_proposal")
+
+
 @register("oracle_teacher")
 class OracleTeacherRouter(Router):
     """Hindsight reference that only means something with `teacher.kind: oracle`: escalates exactly when
