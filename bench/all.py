@@ -242,9 +242,12 @@ def render_routing_quality(d: dict[str, Any]) -> str:
         md += "**Warning:** `eval/summary.json` is newer than `report/results.json`: re-run `r2v report`.\n\n"
     body = [[f"**{r['method']}**" if r["method"] == "r2v" else r["method"], r["kind"],
              f"{f(r['success'])} [{f(r['success_ci'][0], 2)}, {f(r['success_ci'][1], 2)}]", f(r["llm_call_rate"]),
-             f(r["episode_call_share"]), f(r["cost"], 2), f(r.get("n_episodes"))] for r in d["rows"]]
-    md += table(["method", "kind", "success [95% CI]", "LLM calls/step", "episodes w/ call", "cost/ep", "episodes"],
-                body, "llrrrrr")
+             f(r["episode_call_share"]), f(r.get("redundant_call_share"), 2), f(r["cost"], 2), f(r.get("n_episodes"))]
+            for r in d["rows"]]
+    md += table(["method", "kind", "success [95% CI]", "LLM calls/step", "episodes w/ call", "redundant calls",
+                 "cost/ep", "episodes"], body, "llrrrrrr")
+    md += ("\n_Redundant calls_: the share of LLM calls at which the teacher took the very action the SLM had "
+           "proposed: the call changed nothing at that step (the hindsight router spends none).\n")
     m = d.get("matched") or {}
     if "r2v_success" in m:
         md += f"\nLLM-call rate at matched success (R2V: success {f(m['r2v_success'])}, {f(m['r2v_llm_call_rate'])} calls/step):\n\n"

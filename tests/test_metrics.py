@@ -102,6 +102,14 @@ def test_summarise_method():
     assert out["brier"] == pytest.approx(brier(steps["risk"], labels))
     assert out["ece"] == pytest.approx(ece(steps["risk"], labels))
 
+    assert out["redundant_call_share"] is None  # no actions or candidates recorded
+    # the teacher's 3 calls: one took the SLM's own proposal (up to case and spaces), one overrode it, one had none
+    cands = [[{"text": t}] for t in ["go east", "Take  Key", "go west", "look", "look", "go north", "", "look"]]
+    cands[6] = []
+    acted = {**steps, "candidates": cands,
+             "action": ["go east", "take key", "go west", "look", "look", "go south", "open door", "look"]}
+    assert summarise_method(acted, n_boot=10)["redundant_call_share"] == pytest.approx(1 / 2)
+    assert summarise_method({**acted, "actor": ["slm"] * 8}, n_boot=10)["redundant_call_share"] is None
     no_risk = summarise_method({k: v for k, v in steps.items() if k != "risk"}, n_boot=50)
     assert no_risk["ece"] is None and no_risk["brier"] is None
     entropy_scores = summarise_method({**steps, "risk": [2.0] * 8}, n_boot=50)  # not a probability

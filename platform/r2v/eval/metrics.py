@@ -16,7 +16,8 @@ import numpy as np
 from r2v.errors import R2VError
 
 SUMMARY_KEYS = ("success", "success_ci", "worst_seed_success", "cvar_failure", "llm_call_rate",
-                "episode_call_share", "cost", "ece", "brier", "n_episodes", "n_games", "n_seeds")
+                "episode_call_share", "redundant_call_share", "cost", "ece", "brier", "n_episodes", "n_games",
+                "n_seeds")
 
 
 def _arr(x: Any, dtype=np.float64) -> np.ndarray:
@@ -139,6 +140,22 @@ def cost(n_slm_steps: Any, n_llm_steps: Any, c_slm: float, c_llm: float) -> floa
     return float(np.sum(n_slm_steps) * c_slm + np.sum(n_llm_steps) * c_llm)
 
 
+def redundant_call_share(steps: Any, teacher: np.ndarray) -> float | None:
+    """Share of the LLM calls (`teacher` rows) whose executed action equals the SLM's proposal (the first
+    candidate), over the calls where a proposal was recorded; None without any."""
+    from r2v.router.features import normalise_action
+
+    if not {"action", "candidates"} <= set(steps.columns) or not teacher.any():
+        return None
+    called = steps[teacher]
+    proposal = called["candidates"].map(lambda c: c[0]["text"] if c is not None and len(c) else None)
+    known = proposal.notna().to_numpy()
+    if not known.any():
+        return None
+    same = [normalise_action(a) == normalise_action(p) for a, p in zip(called["action"][known], proposal[known])]
+    return float(np.mean(same))
+
+
 def summarise_method(steps: Any, *, c_slm: float = 0.05, c_llm: float = 1.0, n_boot: int = 1000, seed: int = 0,
                      alpha: float = 0.2) -> dict[str, Any]:
     """One method's row of the results table, from its per-step records (DataFrame or dict of arrays).
@@ -147,7 +164,10 @@ def summarise_method(steps: Any, *, c_slm: float = 0.05, c_llm: float = 1.0, n_b
     `escalated`. `success_ci` is the cluster bootstrap over games (task_id; see `success_with_ci`); `n_games`
     is the number of distinct games behind it. `risk` (optional, null for methods without one) is scored
     against `label` when given, else against the episode's realised failure; ece/brier stay None unless every
-    risk is a probability. `cost` is the mean cost per episode."""
+    risk is a probability. `cost` is the mean cost per episode. `redundant_call_share` (needs `action` and
+    `candidates`, the SLM's proposal first, as routed steps record them; else None): the share of LLM calls at
+    which the teacher took the very action the SLM had proposed, so the call changed nothing: a router's wasted
+    spend, for any teacher and without labels (the hindsight router's is 0 by construction)."""
     import pandas as pd
 
     df = steps if isinstance(steps, pd.DataFrame) else pd.DataFrame(steps)
@@ -163,7 +183,8 @@ def summarise_method(steps: Any, *, c_slm: float = 0.05, c_llm: float = 1.0, n_b
     else:
         raise R2VError("summarise_method: step records need an `actor` or `escalated` column")
     if len(df) == 0:
-        return {k: (None if k in ("ece", "brier") else float("nan")) for k in SUMMARY_KEYS} | {
+        none = ("ece", "brier", "redundant_call_share")
+        return {k: (None if k in none else float("nan")) for k in SUMMARY_KEYS} | {
             "success_ci": [float("nan"), float("nan")], "n_episodes": 0, "n_games": 0, "n_seeds": 0}
     df = df.assign(_teacher=teacher.astype(float))
     ep = df.groupby("episode_id", sort=True).agg(
@@ -179,6 +200,7 @@ def summarise_method(steps: Any, *, c_slm: float = 0.05, c_llm: float = 1.0, n_b
         "cvar_failure": cvar_failure(ep["success"], ep["seed"], alpha),
         "llm_call_rate": float(teacher.mean()),
         "episode_call_share": float((ep["calls"] > 0).mean()),
+        "redundant_call_share": redundant_call_share(df, teacher),
         "cost": float(per_ep_cost.mean()),
         "ece": None,
         "brier": None,
