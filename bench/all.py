@@ -443,6 +443,11 @@ def render_router_matrix(d: dict[str, Any]) -> str:
            "Budgets realise different rates for different routers, so this, not the column above, compares them at "
            "matched cost.\n\n")
     md += table(["router", *[f"{c:g} calls/step" for c in budgets]], matched_cost_rows(d["routers"], res, budgets))
+    md += ("\nRedundant calls at each budget: the share of a router's LLM calls at which the teacher took the action the "
+           "SLM had proposed (the call changed nothing at that step; where the spend goes, not how much).\n\n")
+    md += table(["router", *[f"B = {b:g}" for b in budgets]],
+                [[base, *(f((res.get(f"{base}@{b:g}") or {}).get("redundant_call_share"), 2) for b in budgets)]
+                 for base in d["routers"]])
     md += "\n"
     body = [[base, f(row.get("auc")), f(row.get("calls_to_target")) if row.get("calls_to_target") is not None
              else "not reached", f(row.get("p_reached"), 2)] for base, row in d["frontier"].items()]

@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = results.get(f"{base}@{b:g}")
             cells.append(f"{r['success']:.3f} @ {r['llm_call_rate']:.3f}" if r else "–")
         print(f"{base:<15}" + "".join(f"{c:>22}" for c in cells))
+    print("\nRedundant calls (the teacher took the action the SLM had proposed), per budget")
+    for base in routers:
+        shares = [(results.get(f"{base}@{b:g}") or {}).get("redundant_call_share") for b in cfg.eval.budgets]
+        print(f"{base:<15}" + "".join(f"{'–' if v is None else format(v, '.2f'):>22}" for v in shares))
     print(f"\n{'router':<15}{'AUC [0, 0.5]':>14}{'calls to teacher-2pt':>22}")
     for base, row in frontier.items():
         to = row.get("calls_to_target")

@@ -27,3 +27,13 @@ def test_results_page_keeps_sections_it_cannot_remeasure(tmp_path, monkeypatch):
                   "loadavg_start": [1.0]} if r["name"] == "router_labels" else {}) for r in runs]
     bench_all.write_doc(page, bench_all.machine_info(), runs, "python -m bench.all --only router_labels", "now", 1.0)
     assert "| critical | all | mlp | 10 | 5 |" in bench_all.previous_sections(page)[labels.title]
+
+
+def test_router_matrix_section_shows_where_the_calls_go():
+    """Each router's redundant-call share per budget sits beside its success (– where a summary predates it)."""
+    row = {"success": 0.9, "success_ci": [0.8, 1.0], "llm_call_rate": 0.3}
+    d = {"experiment": "quickstart", "budgets": [0.3], "routers": ["r2v", "random"], "frontier": {},
+         "results": {"r2v@0.3": row | {"redundant_call_share": 0.25}, "random@0.3": row,
+                     "slm_only": {"success": 0.5, "llm_call_rate": 0.0}}}
+    md = bench_all.render_router_matrix(d)
+    assert "| r2v | 0.25 |" in md and "| random | – |" in md
