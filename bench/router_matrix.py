@@ -4,9 +4,10 @@
 
 The demo evaluates R2V (fixed τ and paced) and random at each budget of `eval.budgets`; this bench adds
 entropy, the verifier's score of the best candidate (`verifier`) and of the proposed action (`verifier_action`),
-the heuristic rule's score, the pre-execution router and the training-free STEER-style router (`eval.budget_methods` = all of them), each set by routed episodes on the calibration games
-to escalate the budget's share of live steps, then played on the test games (`eval.paced_methods` are also
-played paced, as in the demo). Episodes are cached per routing (router, τ) in runs/<exp>/eval/episodes, so the
+the heuristic rule's score, the pre-execution router and the training-free STEER-style router
+(`eval.budget_methods` = all of them), each set by routed episodes on the calibration games to escalate the
+budget's share of live steps, then played on the test games (`eval.paced_methods` are also played paced, as in
+the demo). Episodes are cached per routing (router, τ) in runs/<exp>/eval/episodes, so the
 demo's routings are not played again. The summary goes to runs/bench/router_matrix_summary.json (the demo's
 eval/summary.json is left as it is) and the per-router frontier numbers (area under success vs calls/step on
 [0, 0.5], calls/step to reach the teacher − 2 points) to runs/bench/router_matrix.json.
