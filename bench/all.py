@@ -236,6 +236,8 @@ def render_quickstart_stages(d: dict[str, Any]) -> str:
 
 
 def render_routing_quality(d: dict[str, Any]) -> str:
+    from r2v.eval.metrics import REDUNDANT_CALLS
+
     md = (f"Experiment `{d['experiment']}`: `{d['results_json']}` ({d['results_mtime']}). Success is what the "
           "environment reports; LLM calls/step is the share of steps the teacher acted.\n\n")
     if d.get("results_older_than_eval"):
@@ -246,8 +248,7 @@ def render_routing_quality(d: dict[str, Any]) -> str:
             for r in d["rows"]]
     md += table(["method", "kind", "success [95% CI]", "LLM calls/step", "episodes w/ call", "redundant calls",
                  "cost/ep", "episodes"], body, "llrrrrrr")
-    md += ("\n_Redundant calls_: the share of LLM calls at which the teacher took the very action the SLM had "
-           "proposed: the call changed nothing at that step (the hindsight router spends none).\n")
+    md += f"\n_Redundant calls_: {REDUNDANT_CALLS} (the hindsight router spends none).\n"
     m = d.get("matched") or {}
     if "r2v_success" in m:
         md += f"\nLLM-call rate at matched success (R2V: success {f(m['r2v_success'])}, {f(m['r2v_llm_call_rate'])} calls/step):\n\n"
@@ -425,6 +426,8 @@ def matched_cost_rows(routers: list[str], results: dict[str, Any], calls: list[f
 
 
 def render_router_matrix(d: dict[str, Any]) -> str:
+    from r2v.eval.metrics import REDUNDANT_CALLS
+
     res, budgets = d["results"], d["budgets"]
     md = (f"Every router of `{d.get('experiment')}` set, by routed episodes on the calibration games, to each budget of "
           "live LLM calls per step, then played on the test games: success [95% CI over games] @ realised calls/step."
@@ -443,8 +446,7 @@ def render_router_matrix(d: dict[str, Any]) -> str:
            "Budgets realise different rates for different routers, so this, not the column above, compares them at "
            "matched cost.\n\n")
     md += table(["router", *[f"{c:g} calls/step" for c in budgets]], matched_cost_rows(d["routers"], res, budgets))
-    md += ("\nRedundant calls at each budget: the share of a router's LLM calls at which the teacher took the action the "
-           "SLM had proposed (the call changed nothing at that step; where the spend goes, not how much).\n\n")
+    md += f"\nRedundant calls at each budget, {REDUNDANT_CALLS} (where the spend goes, not how much).\n\n"
     md += table(["router", *[f"B = {b:g}" for b in budgets]],
                 [[base, *(f((res.get(f"{base}@{b:g}") or {}).get("redundant_call_share"), 2) for b in budgets)]
                  for base in d["routers"]])

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from r2v.config import load_config
     from r2v.eval.live import PACED, run_eval
+    from r2v.eval.metrics import REDUNDANT_CALLS
     from r2v.data import ShardStore
     from r2v.eval.report import STEP_COLUMNS, frontier_of
     from r2v.experiment import Experiment
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             r = results.get(f"{base}@{b:g}")
             cells.append(f"{r['success']:.3f} @ {r['llm_call_rate']:.3f}" if r else "–")
         print(f"{base:<15}" + "".join(f"{c:>22}" for c in cells))
-    print("\nRedundant calls (the teacher took the action the SLM had proposed), per budget")
+    print(f"\nRedundant calls per budget: {REDUNDANT_CALLS}")
     for base in routers:
         shares = [(results.get(f"{base}@{b:g}") or {}).get("redundant_call_share") for b in cfg.eval.budgets]
         print(f"{base:<15}" + "".join(f"{'–' if v is None else format(v, '.2f'):>22}" for v in shares))

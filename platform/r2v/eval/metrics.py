@@ -140,6 +140,11 @@ def cost(n_slm_steps: Any, n_llm_steps: Any, c_slm: float, c_llm: float) -> floa
     return float(np.sum(n_slm_steps) * c_slm + np.sum(n_llm_steps) * c_llm)
 
 
+# what `redundant_call_share` measures, in the words every table that shows it uses
+REDUNDANT_CALLS = ("the share of LLM calls at which the teacher took the very action the SLM had proposed: the call "
+                   "changed nothing at that step")
+
+
 def redundant_call_share(steps: Any, teacher: np.ndarray) -> float | None:
     """Share of the LLM calls (`teacher` rows) whose executed action equals the SLM's proposal (the first
     candidate), over the calls where a proposal was recorded; None without any."""

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from r2v.config import R2VConfig
-from r2v.eval.metrics import SUMMARY_KEYS, frontier_bootstrap, frontier_summary, router_curves, split_method
+from r2v.eval.metrics import (REDUNDANT_CALLS, SUMMARY_KEYS, frontier_bootstrap, frontier_summary, router_curves,
+                              split_method)
 from r2v.experiment import Experiment, read_selection
 
 # a budgeted method's target and the rate its τ gave on the calibration games, beside the realised test rate
@@ -61,8 +62,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
             f"| {_fmt(r['cvar_failure'])} | {_fmt(r['llm_call_rate'])} | {_fmt(r['episode_call_share'])} "
             f"| {_fmt(r.get('redundant_call_share'), 2)} | {_fmt(r['cost'], 2)} | {_fmt(r.get('ece'))} "
             f"| {_fmt(r.get('brier'))} | {r['n_episodes']} | {_fmt(r.get('n_games'))} | {r['n_seeds']} |")
-    return "\n".join(lines) + ("\n\n_redundant calls_: the share of LLM calls at which the teacher took the action "
-                               "the SLM had proposed (the call changed nothing at that step).\n")
+    return "\n".join(lines) + f"\n\n_redundant calls_: {REDUNDANT_CALLS}.\n"
 
 
 def budget_table(results: dict[str, dict[str, Any]]) -> str:
