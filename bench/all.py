@@ -71,6 +71,7 @@ BENCHES = [
     Bench("slm_quality", "SLM quality by training stage (held-out games)", slow=True, quick_args=["--seeds", "2"]),
     Bench("router_labels", "Router labels and feature ablation (held-out steps)", reads_run=True),
     Bench("router_matrix", "Every router at matched live budgets (held-out games)", slow=True, reads_run=True),
+    Bench("router_recipes", "Router recipes, live on the validation games", slow=True, reads_run=True),
 ]
 # The code and terminal quickstarts (conf/<exp>.yaml on procedurally generated tasks): the same two tables
 # read from their own runs, each in its own section
@@ -82,6 +83,8 @@ for _exp, _env in (("terminal_quickstart", "Terminal"), ("code_quickstart", "Cod
         Bench(f"{_short}_routing", f"{_env} quickstart routing quality (live, held-out tasks)", reads_run=True,
               module="routing_quality", exp=_exp),
     ]
+BENCHES.append(Bench("code_recipes", "Code quickstart router recipes, live on the validation problems", slow=True,
+                     reads_run=True, module="router_recipes", exp="code_quickstart"))
 NAMES = [b.name for b in BENCHES]
 
 
@@ -457,12 +460,33 @@ def render_router_matrix(d: dict[str, Any]) -> str:
                       body)
 
 
+def render_router_recipes(d: dict[str, Any]) -> str:
+    preset = d.get("preset_router") or {}
+    md = (f"Router recipes of `{d.get('experiment')}` (`{d.get('config')}`; preset: label `{preset.get('label')}`, "
+          f"features {preset.get('features') or 'all'}, hidden sizes {preset.get('hidden_sizes')}), each trained as "
+          "`r2v train-router` trains the preset, its τ set by routed episodes on the validation games: success @ live "
+          "LLM calls/step of those episodes at each budget. Test games are not played: the preset's router is chosen "
+          "here.\n\n")
+    budgets = sorted({p["budget"] for r in d["rows"] for p in r.get("points", [])})
+    body = []
+    for r in d["rows"]:
+        at = {p["budget"]: p for p in r.get("points", [])}
+        cells = [f"{f(at[b]['success'])} @ {f(at[b]['rate'])}" if b in at else "–" for b in budgets]
+        model = r.get("architecture") or r["status"]
+        body.append([r["recipe"] + (" (chosen budget " + f(r["chosen_budget"], 2) + ")" if r.get("chosen_budget") else ""),
+                     model, *cells])
+    md += table(["recipe", "model", *[f"B = {b:g}" for b in budgets]], body)
+    on = next((r.get("calibrated_on") for r in d["rows"] if r.get("calibrated_on")), None)
+    return md + (f"\nEach point: {on}.\n" if on else "")
+
+
 RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "quickstart_stages": render_quickstart_stages, "routing_quality": render_routing_quality,
     "train_throughput": render_train_throughput, "serve_latency": render_serve_latency,
     "rank_scoring": render_rank_scoring,
     "rollout_scaling": render_rollout_scaling, "slm_quality": render_slm_quality,
     "router_labels": render_router_labels, "router_matrix": render_router_matrix,
+    "router_recipes": render_router_recipes,
 }
 
 

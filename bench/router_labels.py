@@ -34,24 +34,20 @@ HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml --unt
 def score(cfg, df, label: str, features: tuple[str, ...], hidden: list[int]) -> dict[str, Any]:
     """Fit on fit rows, calibrate on calibration rows, score held-out test rows, all under `label`."""
     from r2v.eval.metrics import auroc, brier, ece
-    from r2v.router.features import FEATURE_INDEX
     from r2v.router.model import RiskModel, RouterData
     from r2v.router.stage import router_part
 
-    cols = [FEATURE_INDEX[f] for f in features]
-    rcfg = dataclasses.replace(cfg.router, label=label, hidden_sizes=hidden)
+    rcfg = dataclasses.replace(cfg.router, label=label, hidden_sizes=hidden, features=list(features))
 
     def data(part):
-        d = RouterData.from_frame(part, label, source=f"{label} rows")
-        d.X = d.X[:, cols]
-        return d
+        return RouterData.from_frame(part, label, source=f"{label} rows")
 
     fit, cal = data(router_part(cfg, df, "fit")), data(router_part(cfg, df, "calibration"))
     test = data(df[df["split"] == "test"])
-    model = RiskModel(len(cols), rcfg, feature_names=features)
+    model = RiskModel(cfg=rcfg)
     model.fit(fit, cal, rcfg, seed=cfg.seed)
     p, y = model.predict(test.X), test.y
-    return {"label": label, "model": "mlp" if hidden else "logistic", "features": len(cols),
+    return {"label": label, "model": "mlp" if hidden else "logistic", "features": len(model.inputs),
             "fit_rows": len(fit), "test_rows": len(test), "test_positive_rate": float(y.mean()),
             "auroc": float(auroc(p, y)), "ece": float(ece(p, y)), "brier": float(brier(p, y))}
 

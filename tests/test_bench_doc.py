@@ -3,6 +3,8 @@ clone has no runs/bench/) keeps the section the page already had, once, with a n
 its section."""
 import json
 
+import pytest
+
 import bench.all as bench_all
 
 
@@ -37,3 +39,28 @@ def test_router_matrix_section_shows_where_the_calls_go():
                      "slm_only": {"success": 0.5, "llm_call_rate": 0.0}}}
     md = bench_all.render_router_matrix(d)
     assert "| r2v | 0.25 |" in md and "| random | – |" in md
+
+
+def test_router_recipes_read_the_live_search_and_render_per_budget():
+    """bench.router_recipes reports what the routed validation probes measured (every budget of a budget search,
+    or the one live τ), and the page shows each recipe's success @ calls/step under its budget."""
+    from bench.router_recipes import parse_recipes, points
+
+    search = {"threshold_info": {"budget_choice": {"chosen": 0.45, "candidates": [
+        {"budget": 0.3, "tau": 0.6, "rate": 0.281, "success": 0.944},
+        {"budget": 0.45, "tau": 0.5, "rate": 0.416, "success": 0.986}]}}}
+    one = {"threshold_info": {"budget": 0.3, "live_rate": 0.289, "val_success": 0.975}}
+    assert [p["rate"] for p in points(search)] == [0.281, 0.416]
+    assert points(one) == [{"budget": 0.3, "rate": 0.289, "success": 0.975}]
+    assert points({"threshold_info": {"kind": "budget"}}) == []  # an offline τ: nothing live to report
+    d = {"experiment": "code_quickstart", "config": "conf/code_quickstart.yaml",
+         "preset_router": {"label": "branch", "features": ["proposal_prob"], "hidden_sizes": []},
+         "rows": [{"recipe": "preset", "status": "ok", "architecture": "logistic on proposal_prob",
+                   "points": points(one)},
+                  {"recipe": "mlp, all features", "status": "failed (exit 1)", "points": []}]}
+    md = bench_all.render_router_recipes(d)
+    assert "| preset | logistic on proposal_prob | 0.975 @ 0.289 |" in md
+    assert "| mlp, all features | failed (exit 1) | – |" in md
+    assert parse_recipes([["small", "router.features=[entropy]"]]) == {"small": ["router.features=[entropy]"]}
+    with pytest.raises(SystemExit, match="router.KEY=VALUE"):
+        parse_recipes([["bad", "eval.budgets=[0.1]"]])

@@ -386,6 +386,27 @@ def test_logistic_baseline_router(tmp_path):
     np.testing.assert_array_equal(loaded.predict(test.X), model.predict(test.X))
 
 
+def test_router_reads_only_its_chosen_features(tmp_path):
+    """`router.features`: the network sees the named columns of the full spec vector, keeps that choice in its
+    checkpoint, and is blind to every other column; an unknown name fails naming the key."""
+    cfg = RouterConfig(epochs=20, device="cpu", hidden_sizes=[], features=["logprob_margin", "recent_tool_error"])
+    model = RiskModel(cfg=cfg)
+    model.fit(_synthetic(1500, 0), _synthetic(1000, 1), cfg, seed=0)
+    test = _synthetic(2000, 2)
+    assert auroc(model.predict(test.X), test.y) > 0.8  # the two columns the failures depend on
+    assert model.architecture == "logistic on logprob_margin, recent_tool_error"
+    noise = test.X.copy()
+    others = [i for i, f in enumerate(FEATURE_NAMES) if f not in cfg.features]
+    noise[:, others] = np.random.default_rng(0).normal(size=(len(noise), len(others)))
+    np.testing.assert_array_equal(model.predict(noise), model.predict(test.X))
+    model.save(tmp_path)
+    loaded = RiskModel.load(tmp_path, device="cpu")
+    assert loaded.inputs == ("logprob_margin", "recent_tool_error")
+    np.testing.assert_array_equal(loaded.predict(test.X), model.predict(test.X))
+    with pytest.raises(R2VError, match=r"router\.features.*unknown \['margin'\]"):
+        RiskModel(cfg=RouterConfig(features=["margin"]))
+
+
 def test_router_data_labels_and_weights():
     from r2v.config import LABELS
     from r2v.router.model import LABEL_COLUMNS

@@ -281,6 +281,9 @@ class RouterConfig:
     label: str = "branch"  # episode (episode failed) | step (action ≠ env reference action) | critical (step label
     # in an episode the SLM loses) | branch (counterfactual)
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 64])
+    # the features the risk model reads (names from r2v.router.features.FEATURE_NAMES); [] = all of them. A
+    # few dozen labelled rows fit a short list better than all 29 (code quickstart: see its preset)
+    features: list[str] = field(default_factory=list)
     dropout: float = 0.2
     alpha: float = 0.2  # CVaR tail
     epsilon: float = 0.3  # absolute bound on CVaR_α over perturbation seeds of the per-seed mean y·(1 − p)

@@ -208,6 +208,16 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, t_min: float = T_MIN, t_m
 
 
 # ----------------------------------------------------------------------------------------- model
+def model_inputs(cfg: RouterConfig, names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
+    """(the feature names the network reads, their columns in `names`): `router.features`, or all of `names`."""
+    chosen = tuple(getattr(cfg, "features", None) or names)
+    unknown = [f for f in chosen if f not in names]
+    if unknown or len(set(chosen)) != len(chosen):
+        raise R2VError(f"`router.features` = {list(chosen)}: {'unknown ' + str(unknown) if unknown else 'repeats a name'}"
+                       f"; pick distinct names of {FEATURE_VERSION}: {list(names)} (or [] for all)")
+    return chosen, np.asarray([list(names).index(f) for f in chosen], dtype=np.int64)
+
+
 class RiskModel:
     """Calibrated P(failure | features). `fit` on RouterData, `predict(X)`, `save(dir)` / `load(dir)`."""
 
@@ -221,16 +231,24 @@ class RiskModel:
             raise R2VError(f"RiskModel: {n_features} inputs but feature spec {feature_spec} names "
                            f"{len(self.feature_names)} features")
         self.n_features = n_features
+        self.inputs, self.columns = model_inputs(self.cfg, self.feature_names)
         spec = device if device is not None else getattr(self.cfg, "device", "auto")
         self.device = torch.device(spec if isinstance(spec, torch.device) else resolve_device(spec, "router.device"))
-        self.net = RiskNet(n_features, list(self.cfg.hidden_sizes), self.cfg.dropout).to(self.device)
-        self.mean = np.zeros(n_features, dtype=np.float32)
-        self.std = np.ones(n_features, dtype=np.float32)
+        self.net = self.new_net()
+        self.mean = np.zeros(len(self.inputs), dtype=np.float32)
+        self.std = np.ones(len(self.inputs), dtype=np.float32)
         self.temperature = 1.0
         self.bias = 0.0  # non-zero only with router.calibration=platt
         self.threshold = 0.5
         self.threshold_info: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
+
+    def new_net(self) -> RiskNet:
+        return RiskNet(len(self.inputs), list(self.cfg.hidden_sizes), self.cfg.dropout).to(self.device)
+
+    def read(self, X: np.ndarray) -> np.ndarray:
+        """The columns of full feature vectors (n × n_features) the network reads (`router.features`)."""
+        return X[:, self.columns]
 
     # -- inference
     def _check(self, X: Any) -> np.ndarray:
@@ -243,7 +261,7 @@ class RiskModel:
         return X
 
     def _tensor(self, X: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy((X - self.mean) / self.std).to(self.device)
+        return torch.from_numpy((self.read(X) - self.mean) / self.std).to(self.device)
 
     def logits(self, X: Any) -> np.ndarray:
         """Raw (un-tempered) logits, in eval mode."""
@@ -273,7 +291,8 @@ class RiskModel:
     def architecture(self) -> str:
         """`logistic` (no hidden layer) or `mlp-128x64`: names the model in reports."""
         sizes = list(self.cfg.hidden_sizes)
-        return "logistic" if not sizes else "mlp-" + "x".join(str(h) for h in sizes)
+        name = "logistic" if not sizes else "mlp-" + "x".join(str(h) for h in sizes)
+        return name if len(self.inputs) == self.n_features else f"{name} on {', '.join(self.inputs)}"
 
     # -- persistence
     def save(self, directory: str | Path) -> Path:
@@ -286,7 +305,7 @@ class RiskModel:
         os.replace(tmp, d / WEIGHTS_FILE)
         meta = {
             "feature_spec": self.feature_spec, "feature_names": list(self.feature_names),
-            "architecture": self.architecture,
+            "architecture": self.architecture, "inputs": list(self.inputs),
             "n_features": self.n_features, "mean": self.mean.tolist(), "std": self.std.tolist(),
             "temperature": self.temperature, "bias": self.bias, "threshold": self.threshold,
             "threshold_info": self.threshold_info,
@@ -367,9 +386,10 @@ class RouterTrainer:
         model.cfg = cfg
         torch.manual_seed(seed)
         self.gen = torch.Generator().manual_seed(seed)
-        model.net = RiskNet(model.n_features, list(cfg.hidden_sizes), cfg.dropout).to(model.device)
-        model.mean = train.X.mean(axis=0).astype(np.float32)
-        std = train.X.std(axis=0)
+        model.inputs, model.columns = model_inputs(cfg, model.feature_names)
+        model.net = model.new_net()
+        model.mean = model.read(train.X).mean(axis=0).astype(np.float32)
+        std = model.read(train.X).std(axis=0)
         model.std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
         # copies: arrays shared through Ray's object store are read-only
         self.X = model._tensor(train.X)
@@ -436,6 +456,8 @@ class RouterTrainer:
         calibration rows, and give it the history plus a summary record."""
         cfg, val = self.cfg, self.val
         target.cfg = cfg
+        target.inputs, target.columns = self.model.inputs, self.model.columns
+        target.net = target.new_net()
         target.net.load_state_dict(self.best[2])
         target.mean, target.std = self.model.mean.copy(), self.model.std.copy()
         val_logits = target.logits(val.X)
