@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import MISSING_INPUT
+from bench import MISSING_INPUT, write_result
 
 HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml)"
 
@@ -125,9 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("* finished before an upstream stage: left from an earlier run (re-run with `r2v run` to refresh)")
     if missing:
         print(f"not finished (no marker): {', '.join(missing)}  -> {HOW_TO}")
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {out}")
-    return result
+    return write_result(out, result, default=str)
 
 
 if __name__ == "__main__":

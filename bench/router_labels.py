@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 
-from bench import MISSING_INPUT
+from bench import MISSING_INPUT, write_result
 
 TIME_FEATURES = ("step", "horizon_frac", "context_chars_log1p", "goal_chars_log1p")
 HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml --until collect-router)"
@@ -167,11 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in cal:
             print(f"{r['calibrator']:<22}ECE {r['ece']:.3f}" + ("" if r["brier"] is None else f"  Brier {r['brier']:.3f}"))
     result = {"status": "ok", "experiment": args.exp, "router_label": own, "rows": rows, "calibrators": cal}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float))
-    print(f"wrote {out}")
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import MISSING_INPUT
+from bench import MISSING_INPUT, write_result
 
 ALL_ROUTERS = ["r2v", "entropy", "random", "verifier", "verifier_action", "heuristic", "pre_execution", "steer"]
 
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{base:<15}{row.get('auc') or float('nan'):>14.3f}{(f'{to:.3f}' if to is not None else 'not reached'):>22}")
     result = {"status": "ok", "experiment": args.exp, "budgets": list(cfg.eval.budgets), "routers": routers,
               "results": results, "frontier": frontier}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float))
-    print(f"wrote {out}")
-    return result
+    return write_result(out, result)
 
 
 if __name__ == "__main__":

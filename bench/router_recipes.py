@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import MISSING_INPUT
+from bench import MISSING_INPUT, write_result
 
 CONFIDENCE = "[proposal_prob,proposal_logprob_margin,mean_logprob_best,entropy]"
 DECISION = "[verifier_proposal,verifier_proposal_gap,proposal_prob,proposal_logprob_margin]"
@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{r['recipe']:<50}{r.get('architecture') or r['status']}\n    {pts}")
     result = {"status": "ok", "experiment": args.exp, "config": args.config,
               "preset_router": {k: preset[k] for k in ("label", "features", "hidden_sizes", "budget")}, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=float))
-    print(f"wrote {out}")
-    return result
+    return write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench import MISSING_INPUT
+from bench import MISSING_INPUT, write_result
 
 HOW_TO = "make demo   (or: .venv/bin/r2v run --config conf/quickstart.yaml; then r2v eval + r2v report)"
 HEURISTICS = ("random", "entropy", "heuristic", "verifier", "pre_execution", "steer")
@@ -225,9 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   f"{_num(p.get('llm_call_rate')):>12.3f}")
     else:
         print(f"\n(no sweep frontier at {exp / 'sweep' / 'frontier.parquet'}: run `r2v sweep`)")
-    out.write_text(json.dumps(result, indent=2, default=float))
-    print(f"wrote {out}")
-    return result
+    return write_result(out, result)
 
 
 if __name__ == "__main__":

@@ -208,13 +208,16 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, t_min: float = T_MIN, t_m
 
 
 # ----------------------------------------------------------------------------------------- model
-def model_inputs(cfg: RouterConfig, names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
-    """(the feature names the network reads, their columns in `names`): `router.features`, or all of `names`."""
+def model_inputs(cfg: RouterConfig, names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray | None]:
+    """(the feature names the network reads, their columns in `names` or None for all): `router.features`, or all
+    of `names`."""
     chosen = tuple(getattr(cfg, "features", None) or names)
     unknown = [f for f in chosen if f not in names]
     if unknown or len(set(chosen)) != len(chosen):
         raise R2VError(f"`router.features` = {list(chosen)}: {'unknown ' + str(unknown) if unknown else 'repeats a name'}"
                        f"; pick distinct names of {FEATURE_VERSION}: {list(names)} (or [] for all)")
+    if chosen == tuple(names):  # all of them, in order: read X as it is (a column copy sums in another order)
+        return chosen, None
     return chosen, np.asarray([list(names).index(f) for f in chosen], dtype=np.int64)
 
 
@@ -248,7 +251,7 @@ class RiskModel:
 
     def read(self, X: np.ndarray) -> np.ndarray:
         """The columns of full feature vectors (n × n_features) the network reads (`router.features`)."""
-        return X[:, self.columns]
+        return X if self.columns is None else X[:, self.columns]
 
     # -- inference
     def _check(self, X: Any) -> np.ndarray:
@@ -455,9 +458,7 @@ class RouterTrainer:
         """Put the best epoch's weights into `target`, fit its temperature (or Platt) and threshold on the
         calibration rows, and give it the history plus a summary record."""
         cfg, val = self.cfg, self.val
-        target.cfg = cfg
-        target.inputs, target.columns = self.model.inputs, self.model.columns
-        target.net = target.new_net()
+        target.cfg = cfg  # built from the same cfg as self.model: the same inputs and network shape
         target.net.load_state_dict(self.best[2])
         target.mean, target.std = self.model.mean.copy(), self.model.std.copy()
         val_logits = target.logits(val.X)
