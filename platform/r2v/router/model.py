@@ -211,7 +211,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, t_min: float = T_MIN, t_m
 def model_inputs(cfg: RouterConfig, names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray | None]:
     """(the feature names the network reads, their columns in `names` or None for all): `router.features`, or all
     of `names`."""
-    chosen = tuple(getattr(cfg, "features", None) or names)
+    chosen = tuple(cfg.features or names)
     unknown = [f for f in chosen if f not in names]
     if unknown or len(set(chosen)) != len(chosen):
         raise R2VError(f"`router.features` = {list(chosen)}: {'unknown ' + str(unknown) if unknown else 'repeats a name'}"
@@ -292,10 +292,11 @@ class RiskModel:
 
     @property
     def architecture(self) -> str:
-        """`logistic` (no hidden layer) or `mlp-128x64`: names the model in reports."""
+        """`logistic` (no hidden layer) or `mlp-128x64`, plus `on <features>` when it reads a subset: names the model
+        in reports."""
         sizes = list(self.cfg.hidden_sizes)
         name = "logistic" if not sizes else "mlp-" + "x".join(str(h) for h in sizes)
-        return name if len(self.inputs) == self.n_features else f"{name} on {', '.join(self.inputs)}"
+        return name if self.columns is None else f"{name} on {', '.join(self.inputs)}"
 
     # -- persistence
     def save(self, directory: str | Path) -> Path:
