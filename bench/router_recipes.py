@@ -10,12 +10,14 @@ scratch copy of the finished run (`<runs-dir>/_recipes/<exp>-<recipe>/`: its rou
 the run itself is untouched, and a re-run resumes each recipe's routed probes). What it reports is what those
 probes measured on the validation games: success @ live LLM calls/step at each budget. Test games are never
 played: this is the comparison a preset's router choice is made on (then `bench.router_matrix` shows it on the
-test games). Recipes whose router config equals the preset's are the preset. Writes runs/bench/router_recipes.json.
+test games). Recipes whose router config equals the preset's are the preset. Writes runs/bench/router_recipes.json
+(another experiment: router_recipes_<exp>.json, so the quickstart's table is not overwritten).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -36,7 +38,7 @@ COPIED = ("router", "models", "tasks")  # what train-router reads of a finished 
 
 
 def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def router_config(config: str, overrides: list[str]) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def train_recipe(args, name: str, overrides: list[str]) -> dict[str, Any]:
     meta = json.loads((scratch / "models" / "router" / "router.json").read_text())
     info = meta.get("threshold_info") or {}
     return {"recipe": name, "overrides": overrides, "status": "ok", "architecture": meta.get("architecture"),
-            "inputs": len(meta.get("inputs") or meta.get("feature_names") or []),
+            "inputs": len(meta["inputs"]),
             "calibrated_on": info.get("calibrated_on"), "points": points(meta),
             "chosen_budget": (info.get("budget_choice") or {}).get("chosen")}
 
@@ -109,9 +111,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--runs-dir", default="runs")
     ap.add_argument("--recipe", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                     help="a recipe: a name, then router.* overrides (repeatable; default: the built-in list)")
-    ap.add_argument("--out", default="runs/bench/router_recipes.json")
+    ap.add_argument("--out", default=None, help="default runs/bench/router_recipes[_<exp>].json")
     args = ap.parse_args(argv)
     args.config = args.config or f"conf/{args.exp}.yaml"
+    args.out = args.out or f"runs/bench/router_recipes{'' if args.exp == 'quickstart' else '_' + args.exp}.json"
     run = Path(args.runs_dir) / args.exp
     missing = [n for n in COPIED if not (run / n).is_dir()]
     if missing:

@@ -392,8 +392,9 @@ class RouterTrainer:
         self.gen = torch.Generator().manual_seed(seed)
         model.inputs, model.columns = model_inputs(cfg, model.feature_names)
         model.net = model.new_net()
-        model.mean = model.read(train.X).mean(axis=0).astype(np.float32)
-        std = model.read(train.X).std(axis=0)
+        read = model.read(train.X)
+        model.mean = read.mean(axis=0).astype(np.float32)
+        std = read.std(axis=0)
         model.std = np.where(std > 1e-6, std, 1.0).astype(np.float32)
         # copies: arrays shared through Ray's object store are read-only
         self.X = model._tensor(train.X)
