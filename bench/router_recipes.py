@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench import MISSING_INPUT, write_result
 
@@ -69,15 +69,19 @@ def points(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"budget": info.get("budget"), "rate": info["live_rate"], "success": info.get("val_success")}]
 
 
-def train_recipe(args, name: str, overrides: list[str]) -> dict[str, Any]:
+def train_recipe(args, name: str, overrides: list[str], prepare: Callable[[Path], None] | None = None
+                 ) -> dict[str, Any]:
+    """Train one recipe in its scratch copy of the run; `prepare(copy)` may change the copy's rows first."""
     exp = f"{args.exp}-{slug(name)}"
     scratch_root = Path(args.runs_dir) / "_recipes"
     scratch = scratch_root / exp
     scratch.mkdir(parents=True, exist_ok=True)
     scratch_copy(Path(args.runs_dir) / args.exp, scratch)
+    if prepare is not None:
+        prepare(scratch)
     cmd = [sys.executable, "-m", "r2v.cli", "train-router", "--config", args.config, f"runs_dir={scratch_root}",
            f"experiment={exp}", *overrides]
-    print(f"[router_recipes] {name}: {' '.join(overrides) or '(the preset)'}", flush=True)
+    print(f"[router_recipes] {name}: {' '.join(overrides) or 'the preset router config'}", flush=True)
     log = scratch / "train-router.log"
     with log.open("w") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
@@ -104,11 +108,17 @@ def parse_recipes(given: list[list[str]] | None) -> dict[str, list[str]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a bench that trains routers in scratch copies of a finished run."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--exp", default="quickstart")
     ap.add_argument("--config", default=None, help="the experiment's preset (default conf/<exp>.yaml)")
     ap.add_argument("--runs-dir", default="runs")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = run_parser(__doc__)
     ap.add_argument("--recipe", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                     help="a recipe: a name, then router.* overrides (repeatable; default: the built-in list)")
     ap.add_argument("--out", default=None, help="default runs/bench/router_recipes[_<exp>].json")

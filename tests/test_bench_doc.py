@@ -64,3 +64,30 @@ def test_router_recipes_read_the_live_search_and_render_per_budget():
     assert parse_recipes([["small", "router.features=[entropy]"]]) == {"small": ["router.features=[entropy]"]}
     with pytest.raises(SystemExit, match="router.KEY=VALUE"):
         parse_recipes([["bad", "eval.budgets=[0.1]"]])
+
+
+def test_router_states_rows_carry_the_oracles_decision_and_render():
+    """bench.router_states: a hindsight step becomes a router row whose critical label is the oracle's decision
+    (and no SLM-episode label); a recipe not fitted on SLM rows keeps their features but not their label; the
+    page shows the offline AUROC and the live points per budget."""
+    import pandas as pd
+
+    from bench.router_states import hindsight_rows, rows_of
+    from r2v.router.model import RouterData
+
+    steps = pd.DataFrame({"experiment": "q", "env": "textworld", "task_id": ["g1", "g1"], "split": "val",
+                          "episode_id": "e1", "perturbation_seed": 0, "step": [0, 1], "features": [[0.1] * 3] * 2,
+                          "risk": [0.0, 1.0]})
+    rows = pd.DataFrame(hindsight_rows(steps))
+    assert list(rows["critical_label"]) == [False, True] and rows["episode_failed"].isna().all()
+    slm = rows.assign(episode_id="s1", critical_label=[True, True], episode_failed=[True, True])
+    only = rows_of(slm, rows, ("hindsight",))
+    assert len(only) == 4 and only["critical_label"].notna().sum() == 2
+    data = RouterData.from_frame(only, "critical")
+    assert list(data.y) == [0.0, 1.0]  # the SLM rows dropped out of the fit: no label
+    assert RouterData.from_frame(rows_of(slm, rows, ("slm", "hindsight")), "critical").y.tolist() == [1, 1, 0, 1]
+    d = {"experiment": "quickstart", "hindsight_steps": 633, "hindsight_escalated": 0.213,
+         "offline": [{"rows": "hindsight rows", "auroc_hindsight": 0.914, "auroc_slm": 0.666}],
+         "live": [{"recipe": "fit on hindsight rows", "points": [{"budget": 0.3, "rate": 0.286, "success": 0.875}]}]}
+    md = bench_all.render_router_states(d)
+    assert "| hindsight rows | 0.914 | 0.666 |" in md and "| fit on hindsight rows | 0.875 @ 0.286 |" in md

@@ -1,0 +1,169 @@
+"""The router fitted on the states a good router visits: does it route better than one fitted on the SLM's own?
+
+    python -m bench.router_states [--exp quickstart] [--config conf/<exp>.yaml] [--runs-dir runs]
+
+`collect-router` labels the steps of the SLM playing alone; once a router escalates, its episodes go elsewhere
+(after a correction the SLM is back on the teacher's path, and most departures from there are recoverable).
+This bench plays the hindsight oracle (`HindsightRouter`: it escalates exactly where the SLM's proposal departs
+from the teacher's and the SLM alone loses from here) on the validation games under `router.rollout_seeds`,
+and makes each of its steps a router row whose `critical` label is the oracle's decision: the same label
+definition as the SLM rows, on the states of a router that escalates exactly right. Then, for the run's own
+router recipe fitted on SLM rows, on hindsight rows, or on both:
+1. offline, out-of-game AUROC of the critical label on the hindsight states and on the SLM's states (each game
+   scored by the model of the cross-fitted pair that did not fit it, as train-router cross-fits);
+2. live, on the validation games, each trained as `bench.router_recipes` trains a recipe (`r2v train-router` in a
+   scratch copy of the run, the hindsight rows added to its router rows): success @ live LLM calls/step per
+   budget. Test games are never played. Needs a run with `router.label=critical` (the quickstart's).
+Writes runs/bench/router_states.json.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench import MISSING_INPUT, write_result
+from bench.router_recipes import points, run_parser, train_recipe
+
+SOURCES = {"SLM rows (the run's recipe)": ("slm",), "hindsight rows": ("hindsight",),
+           "SLM + hindsight rows": ("slm", "hindsight")}
+HINDSIGHT_SPLIT = "split=val-hindsight"  # the shard the hindsight rows take in a scratch copy's router rows
+
+
+def play_hindsight(cfg, episodes_dir: Path):
+    """The hindsight oracle's episodes on the val games under router.rollout_seeds (resumable shards)."""
+    import ray
+
+    from r2v.data import ShardStore
+    from r2v.experiment import Experiment
+    from r2v.policies.slm import start_slm_server
+    from r2v.ray_utils import init_ray
+    from r2v.rollout.engine import collect, of_units, plan_units
+    from r2v.rollout.router_rows import RoutedAgentFactory
+    from r2v.rollout.stage import collection_inputs, tasks_by_split
+    from r2v.router.baselines import make_router
+
+    init_ray(cfg)
+    model_dir = str(Experiment(cfg).deployed_policy_dir())
+    units = plan_units(tasks_by_split(cfg, ["val"]), list(cfg.router.rollout_seeds), 1, "routed-hindsight")
+    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
+    try:
+        factory = RoutedAgentFactory(model_dir, server, make_router("hindsight"), name="routed-hindsight")
+        collect(cfg, units, factory, episodes_dir,
+                inputs=collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,)))
+    finally:
+        ray.kill(server)
+    return of_units(ShardStore(episodes_dir, "steps").read_pandas(), units)
+
+
+def hindsight_rows(steps) -> list[dict[str, Any]]:
+    """Router rows of the oracle's steps: its decision (risk 1 = escalated) is the critical label; the other
+    labels are about the SLM's own episodes and stay empty."""
+    from r2v.router.features import FEATURE_VERSION
+
+    return [{"experiment": r.experiment, "env": r.env, "task_id": r.task_id, "split": r.split,
+             "episode_id": r.episode_id, "perturbation_seed": int(r.perturbation_seed), "step": int(r.step),
+             "features": list(r.features), "feature_spec": FEATURE_VERSION, "episode_failed": None,
+             "branch_label": None, "slm_branch_success": None, "teacher_branch_success": None, "step_label": None,
+             "critical_label": bool(r.risk >= 0.5), "label_weight": None} for r in steps.itertuples(index=False)]
+
+
+def slm_part(slm, sources: tuple[str, ...]):
+    """The SLM rows a recipe reads: without their label when they are not one of its sources (they keep their
+    features, which train-router's offline start reads)."""
+    return slm if "slm" in sources else slm.assign(critical_label=None)
+
+
+def rows_of(slm, hindsight, sources: tuple[str, ...]):
+    """The rows a recipe learns from (the critical label is on those of its sources only)."""
+    import pandas as pd
+
+    return pd.concat([slm_part(slm, sources)] + ([hindsight] if "hindsight" in sources else []), ignore_index=True)
+
+
+def offline(cfg, slm, hindsight) -> list[dict[str, Any]]:
+    """Out-of-game AUROC on each kind of state, of each source, cross-fitted over the val halves."""
+    import numpy as np
+
+    from r2v.eval.metrics import auroc
+    from r2v.router.model import RiskModel, RouterData
+    from r2v.router.stage import router_part
+
+    data = lambda df: RouterData.from_frame(df, "critical", source="critical rows")  # noqa: E731
+    out = []
+    for name, sources in SOURCES.items():
+        rows = rows_of(slm, hindsight, sources)
+        fit, cal = router_part(cfg, rows, "fit"), router_part(cfg, rows, "calibration")
+        scores: dict[str, tuple[list, list]] = {"hindsight": ([], []), "slm": ([], [])}
+        for a, b in ((fit, cal), (cal, fit)):  # fitted on one half, scored on the other's games
+            model = RiskModel(cfg=cfg.router)
+            model.fit(data(a), data(b), cfg.router, seed=cfg.seed)
+            games = set(b["task_id"])
+            for kind, frame in (("hindsight", hindsight), ("slm", slm)):
+                held = data(frame[frame["task_id"].isin(games)])
+                scores[kind][0].append(model.predict(held.X))
+                scores[kind][1].append(held.y)
+        out.append({"rows": name, **{f"auroc_{kind}": float(auroc(np.concatenate(p), np.concatenate(y)))
+                                     for kind, (p, y) in scores.items()}})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = run_parser(__doc__)
+    ap.add_argument("--out", default="runs/bench/router_states.json")
+    args = ap.parse_args(argv)
+    args.config = args.config or f"conf/{args.exp}.yaml"
+    from r2v.config import load_config
+    from r2v.data import ShardStore
+    from r2v.experiment import Experiment
+    from r2v.router.stage import read_router_rows
+
+    cfg = load_config(args.config, [f"experiment={args.exp}", f"runs_dir={args.runs_dir}"])
+    if not (Experiment(cfg).model("router") / "router.json").is_file():
+        print(f"no trained router in {Experiment(cfg).model('router')}: run the pipeline first "
+              f"(.venv/bin/r2v run --config {args.config} --until train-router)")
+        return {"status": "missing"}
+    if cfg.router.label != "critical":
+        raise SystemExit(f"{args.config}: router.label is {cfg.router.label!r}; the hindsight oracle's decisions are "
+                         "the `critical` label, so this comparison needs a run fitted on it")
+    slm = read_router_rows(cfg)
+    slm = slm[slm["split"] == "val"].drop(columns=["schema_version"], errors="ignore")
+    scratch = Path(args.runs_dir) / "_recipes" / f"{args.exp}-hindsight-states"
+    steps = play_hindsight(cfg, scratch / "episodes")
+    import pandas as pd
+
+    hindsight = pd.DataFrame(hindsight_rows(steps))
+    print(f"[router_states] hindsight oracle on the val games: {len(hindsight)} steps, "
+          f"{hindsight['critical_label'].mean():.3f} escalated, success {steps.groupby('episode_id')['episode_success'].last().mean():.3f}")
+    table = offline(cfg, slm, hindsight)
+
+    def inject(sources):
+        def prepare(copy: Path) -> None:
+            store = ShardStore(copy / "router", "router_rows")
+            store.write("split=val", slm_part(slm, sources).to_dict("records"))
+            if "hindsight" in sources:
+                store.write(HINDSIGHT_SPLIT, hindsight.to_dict("records"))
+        return prepare
+
+    live = []
+    for name, sources in SOURCES.items():
+        if sources == ("slm",):  # the run's own router: its live search is in its router.json
+            import json
+
+            meta = json.loads((Experiment(cfg).model("router") / "router.json").read_text())
+            live.append({"recipe": name, "status": "ok", "architecture": meta.get("architecture"),
+                         "points": points(meta)})
+            continue
+        live.append(train_recipe(args, f"fit on {name}", [], prepare=inject(sources)))
+    for row in table:
+        print(f"{row['rows']:<32} AUROC on hindsight states {row['auroc_hindsight']:.3f}, "
+              f"on the SLM's states {row['auroc_slm']:.3f}")
+    for r in live:
+        print(f"{r['recipe']:<40}" + "  ".join(f"{p['success']:.3f}@{p['rate']:.3f}" for p in r.get("points", [])))
+    return write_result(args.out, {"status": "ok", "experiment": args.exp, "config": args.config,
+                                   "hindsight_steps": len(hindsight),
+                                   "hindsight_escalated": float(hindsight["critical_label"].mean()),
+                                   "offline": table, "live": live})
+
+
+if __name__ == "__main__":
+    raise SystemExit(MISSING_INPUT if main().get("status") == "missing" else 0)
