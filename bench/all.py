@@ -233,14 +233,20 @@ def table(head: list[str], rows: list[list[Any]], align: str | None = None) -> s
 
 def render_quickstart_stages(d: dict[str, Any]) -> str:
     rows, total = d["rows"], d.get("total_wall_s") or 0.0
-    body = [[r["stage"] + (" ¹" if r.get("older_than_upstream") else ""), f(r["wall_s"], 1),
+    mark = lambda r: " ²" if r.get("stale_upstream") else " ¹" if r.get("older_than_upstream") else ""  # noqa: E731
+    body = [[r["stage"] + mark(r), f(r["wall_s"], 1),
              f"{(r['wall_s'] / total if total else 0):.0%}", r["finished_at"], r.get("error") or r["headline"]]
             for r in rows]
     body.append(["**total**", f"**{f(total, 1)}**", "", "", ""])
     md = f"Experiment `{d['experiment']}` (markers in `{d['stages_dir']}`).\n\n"
     md += table(["stage", "wall s", "share", "finished at", "summary"], body, "lrrll")
-    if any(r.get("older_than_upstream") for r in rows):
-        md += "\n¹ finished before an upstream stage: its marker is left from an earlier run.\n"
+    if any(mark(r) == " ¹" for r in rows):
+        md += ("\n¹ finished before an upstream stage re-ran with the same products (e.g. `r2v tasks` again): its "
+               "time is from an earlier run, and it is up to date.\n")
+    if any(mark(r) == " ²" for r in rows):
+        md += ("\n² stale: an upstream stage changed since it ran (" + ", ".join(
+            f"{r['stage']} ← {', '.join(r['stale_upstream'])}" for r in rows if r.get("stale_upstream"))
+            + "); `r2v run` re-runs it.\n")
     if d.get("missing_stages"):
         md += f"\nNot finished (no marker): {', '.join(d['missing_stages'])}.\n"
     return md

@@ -5,7 +5,9 @@
 Reads runs/<exp>/.stages/<stage>.json (written by `r2v run` when a stage finishes: wall_s, finished_at,
 summary) in pipeline order and prints one row per stage with its headline numbers. Nothing is re-run: to
 produce the markers, run the quickstart first (`make demo`). A stage re-run alone (`r2v run --from X`)
-rewrites only its own marker, so `finished_at` shows which run each number comes from.
+rewrites only its own marker, so `finished_at` shows which run each number comes from. A stage that finished
+before an upstream one is marked: up to date when that upstream re-ran with the same products (`*`), stale when
+an upstream marker no longer matches the digest it recorded, the test `r2v run` re-runs on (`!`).
 Writes runs/bench/quickstart_stages.json.
 """
 from __future__ import annotations
@@ -52,6 +54,15 @@ def headline(stage: str, summary: dict[str, Any], limit: int = 4) -> str:
              if k not in keys and isinstance(v, (int, float, str)) and not isinstance(v, bool)
              and not (isinstance(v, str) and ("/" in v or len(v) > 24))]
     return ", ".join(f"{k}={_short(summary[k])}" for k in keys[:limit])
+
+
+def stale_upstream(marker: dict[str, Any], by_stage: dict[str, dict[str, Any]]) -> list[str]:
+    """The upstream stages whose marker changed since `marker`'s stage ran (r2v.pipeline's own test)."""
+    try:
+        from r2v.pipeline import marker_digest
+    except ImportError:  # the bench still reads markers without the package
+        return []
+    return [up for up, digest in (marker.get("upstream") or {}).items() if digest != marker_digest(by_stage.get(up))]
 
 
 def stage_order() -> list[str]:
@@ -103,8 +114,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "finished_at": m.get("finished_at", ""), "headline": headline(m["stage"], m.get("summary", {})),
                      **({"error": m["error"]} if "error" in m else {})})
     latest = ""
-    for r in rows:  # a marker older than an earlier stage's: left from a previous run, not re-run since
+    by_stage = {m["stage"]: m for m in markers}
+    for r, m in zip(rows, markers):
+        # a marker older than an earlier stage's: left from a previous run, not re-run since; it is *stale* only if
+        # an upstream stage's marker no longer matches the digest it recorded (what `r2v run` re-runs on): an
+        # upstream re-run with the same products (e.g. `r2v tasks` again) leaves it up to date
         r["older_than_upstream"] = bool(r["finished_at"] and latest and r["finished_at"] < latest)
+        r["stale_upstream"] = stale_upstream(m, by_stage)
         latest = max(latest, r["finished_at"])
     total = sum(r["wall_s"] for r in rows)
     missing = [s for s in order if s not in done]
@@ -118,11 +134,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{'stage':<16}{'wall s':>9}{'share':>8}  {'finished at':<20} summary")
     for r in rows:
         share = r["wall_s"] / total if total else 0.0
-        flag = "*" if r["older_than_upstream"] else " "
+        flag = "!" if r["stale_upstream"] else "*" if r["older_than_upstream"] else " "
         print(f"{r['stage']:<16}{r['wall_s']:>9.1f}{share:>8.0%}  {r['finished_at']:<19}{flag} {r.get('error') or r['headline']}")
     print(f"{'total':<16}{total:>9.1f}")
-    if any(r["older_than_upstream"] for r in rows):
-        print("* finished before an upstream stage: left from an earlier run (re-run with `r2v run` to refresh)")
+    if any(r["older_than_upstream"] and not r["stale_upstream"] for r in rows):
+        print("* finished before an upstream stage re-ran with the same products: from an earlier run, up to date")
+    if any(r["stale_upstream"] for r in rows):
+        print("! stale: an upstream stage changed since it ran (`r2v run` re-runs it)")
     if missing:
         print(f"not finished (no marker): {', '.join(missing)}  -> {HOW_TO}")
     return write_result(out, result, default=str)

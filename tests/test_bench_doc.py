@@ -91,3 +91,27 @@ def test_router_states_rows_carry_the_oracles_decision_and_render():
          "live": [{"recipe": "fit on hindsight rows", "points": [{"budget": 0.3, "rate": 0.286, "success": 0.875}]}]}
     md = bench_all.render_router_states(d)
     assert "| hindsight rows | 0.914 | 0.666 |" in md and "| fit on hindsight rows | 0.875 @ 0.286 |" in md
+
+
+def test_stage_table_tells_an_up_to_date_old_marker_from_a_stale_one(tmp_path):
+    """A stage whose upstream re-ran with the same products is only older (¹, up to date); one whose upstream's
+    marker no longer matches the digest it recorded is stale (²), the test `r2v run` itself applies."""
+    from bench.quickstart_stages import main
+    from r2v.pipeline import marker_digest
+
+    stages = tmp_path / "runs" / "q" / ".stages"
+    stages.mkdir(parents=True)
+    tasks = {"stage": "tasks", "sections": {"env": "e"}, "upstream": {}, "products": "p1", "wall_s": 1.0,
+             "finished_at": "2026-12-07T02:00:00", "summary": {}}
+    teacher = {"stage": "collect-teacher", "sections": {"env": "e"}, "upstream": {"tasks": marker_digest(tasks)},
+               "run_id": "r1", "wall_s": 2.0, "finished_at": "2026-12-07T01:00:00", "summary": {}}
+    bc = {"stage": "train-bc", "sections": {}, "upstream": {"collect-teacher": "an-older-digest"}, "products": "p2",
+          "wall_s": 3.0, "finished_at": "2026-12-07T01:30:00", "summary": {}}
+    for m in (tasks, teacher, bc):
+        (stages / f"{m['stage']}.json").write_text(json.dumps(m))
+    d = main(["--exp", "q", "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "qs.json")])
+    rows = {r["stage"]: r for r in d["rows"]}
+    assert rows["collect-teacher"]["older_than_upstream"] and rows["collect-teacher"]["stale_upstream"] == []
+    assert rows["train-bc"]["stale_upstream"] == ["collect-teacher"]
+    md = bench_all.render_quickstart_stages(d)
+    assert "| collect-teacher ¹ |" in md and "| train-bc ² |" in md and "train-bc ← collect-teacher" in md
