@@ -18,6 +18,7 @@ Writes runs/bench/router_states.json.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", default="runs/bench/router_states.json")
     args = ap.parse_args(argv)
     args.config = args.config or f"conf/{args.exp}.yaml"
+    import pandas as pd
+
     from r2v.config import load_config
     from r2v.data import ShardStore
     from r2v.experiment import Experiment
@@ -129,8 +132,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     slm = slm[slm["split"] == "val"].drop(columns=["schema_version"], errors="ignore")
     scratch = Path(args.runs_dir) / "_recipes" / f"{args.exp}-hindsight-states"
     steps = play_hindsight(cfg, scratch / "episodes")
-    import pandas as pd
-
     hindsight = pd.DataFrame(hindsight_rows(steps))
     print(f"[router_states] hindsight oracle on the val games: {len(hindsight)} steps, "
           f"{hindsight['critical_label'].mean():.3f} escalated, success {steps.groupby('episode_id')['episode_success'].last().mean():.3f}")
@@ -147,8 +148,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     live = []
     for name, sources in SOURCES.items():
         if sources == ("slm",):  # the run's own router: its live search is in its router.json
-            import json
-
             meta = json.loads((Experiment(cfg).model("router") / "router.json").read_text())
             live.append({"recipe": name, "status": "ok", "architecture": meta.get("architecture"),
                          "points": points(meta)})
