@@ -474,6 +474,12 @@ def render_router_matrix(d: dict[str, Any]) -> str:
                       body)
 
 
+def budget_cells(points: list[dict[str, Any]], budgets: list[float]) -> list[str]:
+    """`success @ live calls/step` of a live budget search's points (bench.router_recipes.points), per budget."""
+    at = {p["budget"]: p for p in points}
+    return [f"{f(at[b]['success'])} @ {f(at[b]['rate'])}" if b in at else "–" for b in budgets]
+
+
 def render_router_recipes(d: dict[str, Any]) -> str:
     preset = d.get("preset_router") or {}
     md = (f"Router recipes of `{d.get('experiment')}` (`{d.get('config')}`; preset: label `{preset.get('label')}`, "
@@ -484,11 +490,9 @@ def render_router_recipes(d: dict[str, Any]) -> str:
     budgets = sorted({p["budget"] for r in d["rows"] for p in r.get("points", [])})
     body = []
     for r in d["rows"]:
-        at = {p["budget"]: p for p in r.get("points", [])}
-        cells = [f"{f(at[b]['success'])} @ {f(at[b]['rate'])}" if b in at else "–" for b in budgets]
         model = r.get("architecture") or r["status"]
         body.append([r["recipe"] + (" (chosen budget " + f(r["chosen_budget"], 2) + ")" if r.get("chosen_budget") else ""),
-                     model, *cells])
+                     model, *budget_cells(r.get("points", []), budgets)])
     md += table(["recipe", "model", *[f"B = {b:g}" for b in budgets]], body, "ll" + "r" * len(budgets))
     on = next((r.get("calibrated_on") for r in d["rows"] if r.get("calibrated_on")), None)
     return md + (f"\nEach point: {on}.\n" if on else "")
@@ -504,11 +508,7 @@ def render_router_states(d: dict[str, Any]) -> str:
     md += table(["fitted on", "AUROC on hindsight states", "AUROC on the SLM's states"],
                 [[r["rows"], f(r["auroc_hindsight"]), f(r["auroc_slm"])] for r in d["offline"]])
     budgets = sorted({p["budget"] for r in d["live"] for p in r.get("points", [])})
-    body = []
-    for r in d["live"]:
-        at = {p["budget"]: p for p in r.get("points", [])}
-        body.append([r["recipe"], *[f"{f(at[b]['success'])} @ {f(at[b]['rate'])}" if b in at else "–"
-                                    for b in budgets]])
+    body = [[r["recipe"], *budget_cells(r.get("points", []), budgets)] for r in d["live"]]
     md += ("\nLive on the validation games, each trained by `r2v train-router` in a scratch copy of the run: success "
            "@ live LLM calls/step at each budget (72 routed episodes per point).\n\n")
     return md + table(["fitted on", *[f"B = {b:g}" for b in budgets]], body)

@@ -69,6 +69,11 @@ def points(meta: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"budget": info.get("budget"), "rate": info["live_rate"], "success": info.get("val_success")}]
 
 
+def points_line(pts: list[dict[str, Any]]) -> str:
+    """The points on one console line: success@calls/step per budget."""
+    return "  ".join(f"{p['success']:.3f}@{p['rate']:.3f}" for p in pts)
+
+
 def train_recipe(args, name: str, overrides: list[str], prepare: Callable[[Path], None] | None = None
                  ) -> dict[str, Any]:
     """Train one recipe in its scratch copy of the run; `prepare(copy)` may change the copy's rows first."""
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     print(f"\nRouter recipes on the validation games ({args.exp}): success @ live LLM calls/step per budget")
     for r in rows:
-        pts = "  ".join(f"{p['success']:.3f}@{p['rate']:.3f}" for p in r.get("points", []))
+        pts = points_line(r.get("points", []))
         print(f"{r['recipe']:<50}{r.get('architecture') or r['status']}\n    {pts}")
     result = {"status": "ok", "experiment": args.exp, "config": args.config,
               "preset_router": {k: preset[k] for k in ("label", "features", "hidden_sizes", "budget")}, "rows": rows}

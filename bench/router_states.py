@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import MISSING_INPUT, write_result
-from bench.router_recipes import points, run_parser, train_recipe
+from bench.router_recipes import points, points_line, run_parser, train_recipe
 
 SOURCES = {"SLM rows (the run's recipe)": ("slm",), "hindsight rows": ("hindsight",),
            "SLM + hindsight rows": ("slm", "hindsight")}
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{row['rows']:<32} AUROC on hindsight states {row['auroc_hindsight']:.3f}, "
               f"on the SLM's states {row['auroc_slm']:.3f}")
     for r in live:
-        print(f"{r['recipe']:<40}" + "  ".join(f"{p['success']:.3f}@{p['rate']:.3f}" for p in r.get("points", [])))
+        print(f"{r['recipe']:<40}{points_line(r.get('points', []))}")
     return write_result(args.out, {"status": "ok", "experiment": args.exp, "config": args.config,
                                    "hindsight_steps": len(hindsight),
                                    "hindsight_escalated": float(hindsight["critical_label"].mean()),
