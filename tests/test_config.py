@@ -104,6 +104,7 @@ def test_config_hash_tracks_only_named_sections():
         ("model.dtype=float61", r"`model\.dtype` = 'float61'.*did you mean: float16\?"),
         ("bc.lr_schedule=linera", r"`bc\.lr_schedule` = 'linera'.*did you mean: linear\?"),
         ("dpo.trainer=trll", r"`dpo\.trainer` = 'trll' is not one of \['r2v', 'trl'\].*did you mean: trl\?"),
+        ("bc.keep_epoch=val_rank", r"`bc\.keep_epoch` = 'val_rank'.*did you mean: val_rank_acc\?"),
         ("eval.methods=[r2v,entropi]", r"`eval\.methods\[1\]` = 'entropi'.*did you mean: entropy\?"),
         ("eval.methods=[r2v@0.2]", r"`eval\.methods\[0\]` = 'r2v@0\.2'.*eval\.budgets"),
         ("eval.methods=[]", r"`eval\.methods` is empty"),
@@ -118,6 +119,12 @@ def test_config_hash_tracks_only_named_sections():
 def test_enumerated_values_fail_at_load_with_the_closest_valid_one(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(QUICKSTART, [override])
+
+
+def test_keeping_the_best_rank_accuracy_epoch_needs_rank_mode():
+    with pytest.raises(ConfigError, match=r"`bc\.keep_epoch=val_rank_acc` needs `policy\.mode=rank`.*val_loss"):
+        load_config(QUICKSTART, ["bc.keep_epoch=val_rank_acc", "policy.mode=generate"])
+    assert load_config(QUICKSTART, ["bc.keep_epoch=val_loss", "policy.mode=generate"]).bc.keep_epoch == "val_loss"
 
 
 def test_valid_device_names_load():

@@ -268,6 +268,42 @@ def test_bc_on_trl_sft_trainer_learns_and_saves_hf_model(ray_local, tmp_path, ti
     assert sum(rank_actions(cfg.experiment_dir / "models" / "bc", cfg)) >= 5
 
 
+def held_out_loss(model_dir, cfg) -> float:
+    """Token-mean NLL of the taught actions on the val rows, as the epoch rows' `val_loss` defines it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from r2v.policies.prompts import completion, prompt_from_row
+    from r2v.train.common import encode, pad_batch, token_logps
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    feats = [encode(tok, prompt_from_row(step_row(i, r, "", "val"), cfg.policy.history_steps), completion(ACTIONS[i]),
+                    cfg.model.max_context_tokens) for i, r in enumerate(ROOMS)]
+    batch = pad_batch(feats, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return float(-(token_logps(logits, batch["input_ids"]) * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
+
+
+def test_bc_keeps_the_epoch_with_the_best_held_out_rank_accuracy(ray_local, tmp_path, tiny_model):
+    """`bc.keep_epoch=val_rank_acc`: the saved model is the first epoch that ranked the most held-out steps right,
+    not the last one (which goes on lowering the loss): its held-out loss is that epoch's, not the last's."""
+    from r2v.train.bc import run_train_bc
+
+    cfg = make_cfg(tmp_path, tiny_model, 2, epochs=16.0, save_steps=1000, trainer="trl", keep_epoch="val_rank_acc")
+    summary = run_train_bc(cfg)
+    epochs = summary["epochs"]
+    accs = [e["val_rank_acc"] for e in epochs]
+    best = accs.index(max(accs)) + 1
+    print("bc keep_epoch: val_rank_acc", accs, "val_loss", [round(e["val_loss"], 4) for e in epochs])
+    assert summary["best_epoch"] == best and summary["best_val_rank_acc"] == max(accs) >= 5 / 6
+    assert best < len(epochs), "the toy run should reach its best accuracy before its last epoch"
+    saved = held_out_loss(cfg.experiment_dir / "models" / "bc", cfg)
+    assert saved == pytest.approx(epochs[best - 1]["val_loss"], abs=1e-4)
+    assert abs(saved - epochs[-1]["val_loss"]) > 1e-3  # not the last epoch's weights
+
+
 @pytest.mark.slow
 def test_bc_on_trl_zero3_resumes_after_worker_kill(ray_local, tmp_path, tiny_model, monkeypatch):
     """Rank 1 dies after the step-4 checkpoint; Ray restarts the group, the SFTTrainer resumes from the Ray

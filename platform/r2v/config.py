@@ -222,6 +222,9 @@ class BCConfig(TrainConfig):
     max_val_steps: int = 0  # held-out steps scored each epoch (loss, rank accuracy over every command): a seeded
     # sample when there are more; 0 = all
     trainer: str = "r2v"  # r2v: the own DeepSpeed loop (r2v.train.common) | trl: TRL's SFTTrainer (r2v.train.trl_sft)
+    # the epoch whose weights are saved: the last, or the one with the best held-out value of this metric
+    # (val_rank_acc, highest: rank-mode accuracy over every command; val_loss, lowest: the action tokens' NLL)
+    keep_epoch: str = "last"
 
 
 @dataclass
@@ -548,6 +551,7 @@ CALIBRATIONS = ("temperature", "platt")
 SPLITS = ("train", "val", "test")
 LR_SCHEDULES = ("linear", "constant")
 TRAINERS = ("r2v", "trl")  # bc.trainer, dpo.trainer: the own DeepSpeed loop | TRL's trainer
+BC_KEEP_EPOCH = {"last": None, "val_rank_acc": "max", "val_loss": "min"}  # bc.keep_epoch -> the better direction
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -647,6 +651,7 @@ def validate(cfg: R2VConfig) -> None:
         "collect.split": (cfg.collect.split, SPLITS),
         "bc.lr_schedule": (cfg.bc.lr_schedule, LR_SCHEDULES),
         "bc.trainer": (cfg.bc.trainer, TRAINERS),
+        "bc.keep_epoch": (cfg.bc.keep_epoch, tuple(BC_KEEP_EPOCH)),
         "dpo.trainer": (cfg.dpo.trainer, TRAINERS),
         "dpo.train.lr_schedule": (cfg.dpo.train.lr_schedule, LR_SCHEDULES),
         "dpo.chosen": (cfg.dpo.chosen, ("teacher", "verifier")),
@@ -701,6 +706,9 @@ def validate(cfg: R2VConfig) -> None:
     if cfg.bc.trainer == "trl" and cfg.bc.rank_weight > 0:
         raise ConfigError("`bc.rank_weight` > 0 needs `bc.trainer=r2v`: the listwise ranking term is the own loop's "
                           "loss (TRL's SFTTrainer trains the action tokens only)")
+    if cfg.bc.keep_epoch == "val_rank_acc" and cfg.policy.mode != "rank":
+        raise ConfigError("`bc.keep_epoch=val_rank_acc` needs `policy.mode=rank` (held-out steps are ranked over "
+                          "their admissible commands only in rank mode); use `val_loss` or `last`")
     weights = {k: getattr(cfg.dpo, k) for k in ("dpo_weight", "bc_weight", "consistency_weight")}
     if min(weights.values()) < 0 or not any(weights.values()) or cfg.dpo.negatives < 1:
         raise ConfigError(f"`dpo` term weights {weights} must be >= 0 with at least one > 0, and `dpo.negatives` "

@@ -38,8 +38,13 @@ class SFTObjective:
     name = "bc"
 
     def __init__(self, config: dict[str, Any]):
+        from r2v.config import BC_KEEP_EPOCH
+
         self.max_tokens = int(config["max_tokens"])
         self.rank_weight = float(config["train"]["rank_weight"])
+        keep = config["train"].get("keep_epoch", "last")
+        if BC_KEEP_EPOCH[keep]:  # the trainers keep this epoch's weights (r2v.train.common: `best_metric`)
+            self.best_metric = (keep, BC_KEEP_EPOCH[keep])
 
     def encode(self, tokenizer, example: dict[str, Any]) -> dict[str, Any]:
         out = encode(tokenizer, example["prompt"], example["completion"], self.max_tokens)
@@ -184,6 +189,10 @@ def run_train_bc(cfg: R2VConfig) -> dict[str, Any]:
 
     steps = labelled_steps(cfg)
     train, val, files = bc_examples(cfg, steps)
+    if cfg.bc.keep_epoch != "last" and not val:
+        raise R2VError(f"`bc.keep_epoch={cfg.bc.keep_epoch}` picks the epoch on held-out teacher steps, and the "
+                       "teacher shards have no split=val step: collect teacher episodes on the val games "
+                       "(`r2v collect-teacher`) or set `bc.keep_epoch=last`")
     out = Experiment(cfg).model("bc")
     worker = None
     if cfg.bc.trainer == "trl":  # TRL's SFTTrainer reads the Arrow table itself (datasets.Dataset, no row copies)
