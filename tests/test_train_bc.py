@@ -63,27 +63,41 @@ def make_cfg(tmp_path, tiny_model, zero_stage: int, **bc) -> R2VConfig:
     return cfg
 
 
-def rank_actions(model_dir, cfg) -> list[bool]:
-    """For every room: is the taught action the top-ranked admissible action by summed log-prob?"""
+def completion_logps(model, tok, cfg, pairs: list[tuple[int, str]]):
+    """Per-token log-probs of each (room index, action) completion after that room's prompt, from one padded
+    forward pass, masked to the completion tokens; and that mask."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from r2v.policies.prompts import completion, prompt_from_row
-    from r2v.train.common import encode, pad_batch, sequence_logps
+    from r2v.train.common import encode, pad_batch, token_logps
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    ok = []
-    for i, room in enumerate(ROOMS):
-        prompt = prompt_from_row(step_row(i, room, "", "train"), cfg.policy.history_steps)
-        feats = [encode(tok, prompt, completion(a), cfg.model.max_context_tokens) for a in ACTIONS]
-        batch = pad_batch(feats, tok.pad_token_id)
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        assert torch.isfinite(logits).all()
-        scores = sequence_logps(logits, batch)
-        ok.append(int(scores.argmax()) == i)
-    return ok
+    feats = [encode(tok, prompt_from_row(step_row(i, ROOMS[i], "", "val"), cfg.policy.history_steps), completion(a),
+                    cfg.model.max_context_tokens) for i, a in pairs]
+    batch = pad_batch(feats, tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.isfinite(logits).all()
+    return token_logps(logits, batch["input_ids"]) * batch["loss_mask"], batch["loss_mask"]
+
+
+def load(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def rank_actions(model_dir, cfg) -> list[bool]:
+    """For every room: is the taught action the top-ranked admissible action by summed log-prob?"""
+    model, tok = load(model_dir)
+    return [int(completion_logps(model, tok, cfg, [(i, a) for a in ACTIONS])[0].sum(-1).argmax()) == i
+            for i in range(len(ROOMS))]
+
+
+def held_out_loss(model_dir, cfg) -> float:
+    """Token-mean NLL of the taught actions on the val rows, as the epoch rows' `val_loss` defines it."""
+    model, tok = load(model_dir)
+    logps, mask = completion_logps(model, tok, cfg, list(enumerate(ACTIONS)))
+    return float(-logps.sum() / mask.sum())
 
 
 # ----------------------------------------------------------------------------------------- unit level
@@ -266,24 +280,6 @@ def test_bc_on_trl_sft_trainer_learns_and_saves_hf_model(ray_local, tmp_path, ti
     assert all(e["tokens_per_s"] > 0 for e in epochs)
     assert epochs[0]["val_rank_acc"] < 0.5 and summary["final_val_rank_acc"] >= 5 / 6  # plain SFT, no ranking term
     assert sum(rank_actions(cfg.experiment_dir / "models" / "bc", cfg)) >= 5
-
-
-def held_out_loss(model_dir, cfg) -> float:
-    """Token-mean NLL of the taught actions on the val rows, as the epoch rows' `val_loss` defines it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from r2v.policies.prompts import completion, prompt_from_row
-    from r2v.train.common import encode, pad_batch, token_logps
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    feats = [encode(tok, prompt_from_row(step_row(i, r, "", "val"), cfg.policy.history_steps), completion(ACTIONS[i]),
-                    cfg.model.max_context_tokens) for i, r in enumerate(ROOMS)]
-    batch = pad_batch(feats, tok.pad_token_id)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return float(-(token_logps(logits, batch["input_ids"]) * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
 
 
 def test_bc_keeps_the_epoch_with_the_best_held_out_rank_accuracy(ray_local, tmp_path, tiny_model):
