@@ -72,7 +72,7 @@ BENCHES = [
     Bench("router_labels", "Router labels and feature ablation (held-out steps)", reads_run=True),
     Bench("router_matrix", "Every router at matched live budgets (held-out games)", slow=True, reads_run=True),
     Bench("router_recipes", "Router recipes, live on the validation games", slow=True, reads_run=True),
-    Bench("router_states", "Router fitted on the hindsight oracle's states (validation games)", slow=True,
+    Bench("router_states", "Router fitted on routed states: the hindsight oracle's and its own (validation games)", slow=True,
           reads_run=True),
 ]
 # The code and terminal quickstarts (conf/<exp>.yaml on procedurally generated tasks): the same two tables
@@ -501,12 +501,20 @@ def render_router_recipes(d: dict[str, Any]) -> str:
 def render_router_states(d: dict[str, Any]) -> str:
     md = (f"The hindsight oracle played on the validation games of `{d.get('experiment')}` ({d['hindsight_steps']} "
           f"steps, {f(d['hindsight_escalated'])} of them escalated): each step a router row whose `critical` label is "
-          "the oracle's decision, on the states of a router that escalates exactly right. The run's router recipe "
-          "fitted on the SLM's own rows (as `collect-router` labels them), on these rows, or on both. Offline: "
-          "AUROC of the critical label on each kind of state, every game scored by the model of the cross-fitted "
-          "pair that did not fit it.\n\n")
-    md += table(["fitted on", "AUROC on hindsight states", "AUROC on the SLM's states"],
-                [[r["rows"], f(r["auroc_hindsight"]), f(r["auroc_slm"])] for r in d["offline"]])
+          "the oracle's decision, on the states of a router that escalates exactly right.")
+    if "routed_steps" in d:
+        md += (f" R2V's own routed episodes on the same games (train-router's live budget search: the run's router "
+               f"and its cross-fitted twin at every τ probed; {d['routed_episodes']} episodes, {d['routed_steps']} "
+               f"steps), each step labelled with the hindsight oracle's decision there (DAgger's rows: "
+               f"{f(d['routed_positive'])} positive, {f(d.get('routed_departures_positive'))} of the "
+               f"{d.get('routed_departures', '–')} departures from the teacher's action).")
+    md += (" The run's router recipe fitted on the SLM's own rows (as `collect-router` labels them), on these rows, "
+           "or on both. Offline: AUROC of the critical label on each kind of state, every game scored by the model "
+           "of the cross-fitted pair that did not fit it.\n\n")
+    kinds = [k for k in ("hindsight", "slm", "routed") if all(f"auroc_{k}" in r for r in d["offline"])]
+    names = {"hindsight": "the hindsight oracle's states", "slm": "the SLM's states", "routed": "R2V's routed states"}
+    md += table(["fitted on", *[f"AUROC on {names[k]}" for k in kinds]],
+                [[r["rows"], *[f(r[f"auroc_{k}"]) for k in kinds]] for r in d["offline"]])
     budgets = sorted({p["budget"] for r in d["live"] for p in r.get("points", [])})
     body = [[r["recipe"], *budget_cells(r.get("points", []), budgets)] for r in d["live"]]
     md += ("\nLive on the validation games, each trained by `r2v train-router` in a scratch copy of the run: success "

@@ -68,11 +68,12 @@ def test_router_recipes_read_the_live_search_and_render_per_budget():
 
 def test_router_states_rows_carry_the_oracles_decision_and_render():
     """bench.router_states: a hindsight step becomes a router row whose critical label is the oracle's decision
-    (and no SLM-episode label); a recipe not fitted on SLM rows keeps their features but not their label; the
-    page shows the offline AUROC and the live points per budget."""
+    (and no SLM-episode label), a routed step one with the label it is given; a recipe not fitted on SLM rows
+    keeps their features but not their label, and reads only the sources it names; the page shows the offline
+    AUROC on each kind of state and the live points per budget."""
     import pandas as pd
 
-    from bench.router_states import hindsight_rows, rows_of
+    from bench.router_states import hindsight_rows, rows_of, state_rows
     from r2v.router.model import RouterData
 
     steps = pd.DataFrame({"experiment": "q", "env": "textworld", "task_id": ["g1", "g1"], "split": "val",
@@ -80,17 +81,24 @@ def test_router_states_rows_carry_the_oracles_decision_and_render():
                           "risk": [0.0, 1.0]})
     rows = pd.DataFrame(hindsight_rows(steps))
     assert list(rows["critical_label"]) == [False, True] and rows["episode_failed"].isna().all()
+    routed = pd.DataFrame(state_rows(steps.assign(episode_id="r1"), [True, False], [True, True]))
+    assert list(routed["critical_label"]) == [True, False]  # the label given, not the router's own risk
+    assert list(routed["step_label"]) == [True, True] and rows["step_label"].isna().all()
     slm = rows.assign(episode_id="s1", critical_label=[True, True], episode_failed=[True, True])
-    only = rows_of(slm, rows, ("hindsight",))
+    others = {"hindsight": rows, "routed": routed}
+    only = rows_of(slm, others, ("hindsight",))
     assert len(only) == 4 and only["critical_label"].notna().sum() == 2
     data = RouterData.from_frame(only, "critical")
     assert list(data.y) == [0.0, 1.0]  # the SLM rows dropped out of the fit: no label
-    assert RouterData.from_frame(rows_of(slm, rows, ("slm", "hindsight")), "critical").y.tolist() == [1, 1, 0, 1]
-    d = {"experiment": "quickstart", "hindsight_steps": 633, "hindsight_escalated": 0.213,
-         "offline": [{"rows": "hindsight rows", "auroc_hindsight": 0.914, "auroc_slm": 0.666}],
+    assert RouterData.from_frame(rows_of(slm, others, ("slm", "hindsight")), "critical").y.tolist() == [1, 1, 0, 1]
+    assert RouterData.from_frame(rows_of(slm, others, ("slm", "routed")), "critical").y.tolist() == [1, 1, 1, 0]
+    d = {"experiment": "quickstart", "hindsight_steps": 633, "hindsight_escalated": 0.213, "routed_episodes": 1044,
+         "routed_steps": 4141, "routed_positive": 0.41, "routed_departures": 1819, "routed_departures_positive": 0.857,
+         "offline": [{"rows": "hindsight rows", "auroc_hindsight": 0.914, "auroc_slm": 0.666, "auroc_routed": 0.7}],
          "live": [{"recipe": "fit on hindsight rows", "points": [{"budget": 0.3, "rate": 0.286, "success": 0.875}]}]}
     md = bench_all.render_router_states(d)
-    assert "| hindsight rows | 0.914 | 0.666 |" in md and "| fit on hindsight rows | 0.875 @ 0.286 |" in md
+    assert "| hindsight rows | 0.914 | 0.666 | 0.700 |" in md and "| fit on hindsight rows | 0.875 @ 0.286 |" in md
+    assert "AUROC on R2V's routed states" in md and "1044 episodes" in md and "0.857 of the 1819 departures" in md
 
 
 def test_stage_table_tells_an_up_to_date_old_marker_from_a_stale_one(tmp_path):
