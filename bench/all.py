@@ -511,9 +511,10 @@ def render_router_states(d: dict[str, Any]) -> str:
     md += (" The run's router recipe fitted on the SLM's own rows (as `collect-router` labels them), on these rows, "
            "or on both. Offline: AUROC of the critical label on each kind of state, every game scored by the model "
            "of the cross-fitted pair that did not fit it.\n\n")
-    kinds = [k for k in ("hindsight", "slm", "routed") if all(f"auroc_{k}" in r for r in d["offline"])]
-    names = {"hindsight": "the hindsight oracle's states", "slm": "the SLM's states", "routed": "R2V's routed states"}
-    md += table(["fitted on", *[f"AUROC on {names[k]}" for k in kinds]],
+    from bench.router_states import STATES
+
+    kinds = [k for k in STATES if all(f"auroc_{k}" in r for r in d["offline"])]  # older pages have two kinds
+    md += table(["fitted on", *[f"AUROC on {STATES[k]} states" for k in kinds]],
                 [[r["rows"], *[f(r[f"auroc_{k}"]) for k in kinds]] for r in d["offline"]])
     budgets = sorted({p["budget"] for r in d["live"] for p in r.get("points", [])})
     body = [[r["recipe"], *budget_cells(r.get("points", []), budgets)] for r in d["live"]]
