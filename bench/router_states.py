@@ -86,12 +86,10 @@ def routed_probes(cfg):
     from r2v.data import ShardStore
     from r2v.experiment import Experiment
     from r2v.rollout.live_budget import probes_dir, router_identity
-    from r2v.router.baselines import TWIN_DIR, make_router
-    from r2v.router.model import RiskModel
+    from r2v.router.baselines import make_router
 
-    saved = Experiment(cfg).model("router")
-    models = [RiskModel.load(saved)] + ([RiskModel.load(saved / TWIN_DIR)] if (saved / TWIN_DIR).is_dir() else [])
-    names = tuple(f"r2v#{router_identity(make_router('r2v', model=m))}~" for m in models)
+    router = make_router("r2v", model_dir=str(Experiment(cfg).model("router")))  # with its twin, if saved
+    names = tuple(f"{r.name}#{router_identity(r)}~" for r in (router, router.twin) if r is not None)  # routing_name
     steps = ShardStore(probes_dir(cfg), "steps").read_pandas()
     return steps[steps["policy"].str.startswith(names)].sort_values(["episode_id", "step"], kind="stable")
 
@@ -157,12 +155,13 @@ def offline(cfg, slm, others: dict[str, Any]) -> list[dict[str, Any]]:
     for name, sources in SOURCES.items():
         rows = rows_of(slm, others, sources)
         fit, cal = router_part(cfg, rows, "fit"), router_part(cfg, rows, "calibration")
-        scores: dict[str, tuple[list, list]] = {kind: ([], []) for kind in STATES}
+        frames = {"slm": slm, **others}  # each kind of state the fits are scored on
+        scores: dict[str, tuple[list, list]] = {kind: ([], []) for kind in frames}
         for a, b in ((fit, cal), (cal, fit)):  # fitted on one half, scored on the other's games
             model = RiskModel(cfg=cfg.router)
             model.fit(data(a), data(b), cfg.router, seed=cfg.seed)
             games = set(b["task_id"])
-            for kind, frame in {"slm": slm, **others}.items():
+            for kind, frame in frames.items():
                 held = data(frame[frame["task_id"].isin(games)])
                 scores[kind][0].append(model.predict(held.X))
                 scores[kind][1].append(held.y)
