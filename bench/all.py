@@ -261,10 +261,11 @@ def render_routing_quality(d: dict[str, Any]) -> str:
         md += "**Warning:** `eval/summary.json` is newer than `report/results.json`: re-run `r2v report`.\n\n"
     body = [[f"**{r['method']}**" if r["method"] == "r2v" else r["method"], r["kind"],
              f"{f(r['success'])} [{f(r['success_ci'][0], 2)}, {f(r['success_ci'][1], 2)}]", f(r["llm_call_rate"]),
+             f(r.get("llm_calls_per_episode"), 2), f(r.get("steps_per_episode"), 2),
              f(r["episode_call_share"]), f(r.get("redundant_call_share"), 2), f(r["cost"], 2), f(r.get("n_episodes"))]
             for r in d["rows"]]
-    md += table(["method", "kind", "success [95% CI]", "LLM calls/step", "episodes w/ call", "redundant calls",
-                 "cost/ep", "episodes"], body, "llrrrrrr")
+    md += table(["method", "kind", "success [95% CI]", "LLM calls/step", "LLM calls/ep", "steps/ep",
+                 "episodes w/ call", "redundant calls", "cost/ep", "episodes"], body, "llrrrrrrrr")
     md += f"\n_Redundant calls_: {REDUNDANT_CALLS} (the hindsight router spends none).\n"
     m = d.get("matched") or {}
     if "r2v_success" in m:
@@ -483,7 +484,8 @@ def budget_cells(points: list[dict[str, Any]], budgets: list[float]) -> list[str
 def render_router_recipes(d: dict[str, Any]) -> str:
     preset = d.get("preset_router") or {}
     md = (f"Router recipes of `{d.get('experiment')}` (`{d.get('config')}`; preset: label `{preset.get('label')}`, "
-          f"features {preset.get('features') or 'all'}, hidden sizes {preset.get('hidden_sizes')}), each trained as "
+          f"features {preset.get('features') or 'all'}, hidden sizes {preset.get('hidden_sizes')}, grace "
+          f"{preset.get('grace', 0)}), each trained as "
           "`r2v train-router` trains the preset, its τ set by routed episodes on the validation games: success @ live "
           "LLM calls/step of those episodes at each budget. Test games are not played: the preset's router is chosen "
           "here.\n\n")

@@ -1,4 +1,4 @@
-"""Router recipes, live on validation games: which features and which model the deployed router should read.
+"""Router recipes, live on validation games: which features and model the deployed router reads, with what grace.
 
     python -m bench.router_recipes [--exp quickstart] [--config conf/<exp>.yaml] [--runs-dir runs]
                                    [--recipe NAME KEY=VALUE ...] ...
@@ -33,6 +33,9 @@ RECIPES: dict[str, list[str]] = {
     "logistic, all features": ["router.features=[]", "router.hidden_sizes=[]"],
     "logistic, SLM confidence": [f"router.features={CONFIDENCE}", "router.hidden_sizes=[]"],
     "logistic, proposal's verifier score + confidence": [f"router.features={DECISION}", "router.hidden_sizes=[]"],
+    # router.grace: escalations per episode at a proposal the agent can take back that let the SLM try first
+    **{f"mlp, all features, grace {g}": ["router.features=[]", "router.hidden_sizes=[128,64]", f"router.grace={g}"]
+       for g in (0, 1, 2, 3)},
 }
 COPIED = ("router", "models", "tasks")  # what train-router reads of a finished run
 
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pts = points_line(r.get("points", []))
         print(f"{r['recipe']:<50}{r.get('architecture') or r['status']}\n    {pts}")
     result = {"status": "ok", "experiment": args.exp, "config": args.config,
-              "preset_router": {k: preset[k] for k in ("label", "features", "hidden_sizes", "budget")}, "rows": rows}
+              "preset_router": {k: preset[k] for k in ("label", "features", "hidden_sizes", "budget", "grace")},
+              "rows": rows}
     return write_result(args.out, result)
 
 

@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ci = r.get("success_ci") or [None, None]
         rows.append({"method": name, "kind": kind_of(name), "success": _num(r.get("success")),
                      "success_ci": [_num(ci[0]), _num(ci[1])], "llm_call_rate": _num(r.get("llm_call_rate")),
+                     "llm_calls_per_episode": _num(r.get("llm_calls_per_episode")),
+                     "steps_per_episode": _num(r.get("steps_per_episode")),
                      "episode_call_share": _num(r.get("episode_call_share")),
                      "redundant_call_share": _num(r.get("redundant_call_share")), "cost": _num(r.get("cost")),
                      "n_episodes": r.get("n_episodes"), "n_seeds": r.get("n_seeds")})
@@ -186,13 +188,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{'/'.join(str(n) for n in sorted(n_ep, key=str))})")
     if stale:
         print("WARNING: eval/summary.json is newer than report/results.json: re-run `r2v report`")
-    print(f"{'method':<15}{'kind':<22}{'success [95% CI]':>22}{'LLM calls/step':>16}{'eps w/ call':>13}"
-          f"{'redundant':>11}{'cost/ep':>9}")
+    print(f"{'method':<15}{'kind':<22}{'success [95% CI]':>22}{'LLM calls/step':>16}{'calls/ep':>10}{'steps/ep':>10}"
+          f"{'eps w/ call':>13}{'redundant':>11}{'cost/ep':>9}")
     for r in rows:
         lo, hi = r["success_ci"]
         print(f"{r['method']:<15}{r['kind']:<22}{r['success']:>8.3f} [{lo:.2f}, {hi:.2f}]"
-              f"{r['llm_call_rate']:>16.3f}{r['episode_call_share']:>13.3f}{r['redundant_call_share']:>11.2f}"
-              f"{r['cost']:>9.2f}")
+              f"{r['llm_call_rate']:>16.3f}{r['llm_calls_per_episode']:>10.2f}{r['steps_per_episode']:>10.2f}"
+              f"{r['episode_call_share']:>13.3f}{r['redundant_call_share']:>11.2f}{r['cost']:>9.2f}")
     m = matched
     if "r2v_success" in m:
         print(f"\nAt matched success (R2V: success {m['r2v_success']:.3f}, {m['r2v_llm_call_rate']:.3f} LLM calls/step):")

@@ -60,6 +60,7 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
         ("dpo.train.lr_schedule=cosine", "dpo.train.lr_schedule"),
         ("bc.rank_negatives=0", "bc.rank_negatives"),
         ("router.alpha=0", "router.alpha"),
+        ("router.grace=-1", "router.grace"),
         ("router.fit_split=train", "router.cross_fit"),
         ("router.threshold=bayes", "router.choose_budget"),
         ("eval.budgets=[]", "router.choose_budget"),

@@ -94,6 +94,7 @@ def test_summarise_method():
     assert out["worst_seed_success"] == 0.5 and out["cvar_failure"] == 0.5
     assert out["llm_call_rate"] == pytest.approx(3 / 8)
     assert out["episode_call_share"] == pytest.approx(0.5)
+    assert out["llm_calls_per_episode"] == pytest.approx(3 / 4) and out["steps_per_episode"] == pytest.approx(8 / 4)
     assert out["cost"] == pytest.approx((1.2 + 0.2 + 2.0 + 0.1) / 4)
     assert out["n_episodes"] == 4 and out["n_seeds"] == 2 and out["n_games"] == 2
     ep_success, ep_game = [1.0, 0.0, 1.0, 0.0], ["g1", "g1", "g2", "g2"]

@@ -30,10 +30,11 @@ class BrokenTeacher:
         return TeacherReply(None, error="HTTP 503: overloaded")
 
 
-def agent(slm, tw_cfg, router, teacher, budget=None):
+def agent(slm, tw_cfg, router, teacher, budget=None, grace=0):
     cfg = R2VConfig()
     cfg.env = tw_cfg
-    return RoutedAgent(slm, make_verifier(cfg), make_router(router), teacher, "logprob", budget)
+    router = make_router(router) if isinstance(router, str) else router
+    return RoutedAgent(slm, make_verifier(cfg), router, teacher, "logprob", budget, grace=grace)
 
 
 def play(env_cfg, a, task, seed=0):
@@ -59,6 +60,31 @@ def test_per_episode_budget_caps_calls(slm, tw_cfg, tw_tasks):
     for seed in (0, 1):  # the budget resets per episode
         rows = play(tw_cfg, a, task, seed)
         assert sum(r["actor"] == "teacher" for r in rows) == 1
+
+
+def test_grace_lets_the_slm_try_reversible_proposals_first(slm, tw_cfg, tw_tasks):
+    """A router that asks at every step, with grace 2: the first two proposals the SLM could take back (moves,
+    looks) are executed as proposed, every other step goes to the teacher, and each episode starts afresh. A
+    fixed reference (LLM alone) never defers."""
+    from r2v.verifier.rules import reversible_action
+
+    always = make_router("entropy", threshold=-1.0)  # entropy > -1: the router asks at every step
+    a = agent(slm, tw_cfg, always, OracleTeacher(), grace=2)
+    deferred_any = False
+    for task, seed in ((tw_tasks[0], 0), (tw_tasks[-1], 1)):
+        rows = play(tw_cfg, a, task, seed)
+        left = 2
+        for r in rows:
+            proposal = r["candidates"][0]["text"]
+            defer = left > 0 and reversible_action("textworld", proposal)
+            assert r["risk"] > always.threshold
+            assert (r["actor"], r["escalated"]) == (("slm", False) if defer else ("teacher", True)), (r["step"], proposal)
+            left -= int(defer)
+            deferred_any |= defer
+        assert a.deferrals == 2 - left
+    assert deferred_any  # the tiny SLM proposes moves: the rule above was exercised
+    rows = play(tw_cfg, agent(slm, tw_cfg, "llm_only", OracleTeacher(), grace=2), tw_tasks[0])
+    assert all(r["actor"] == "teacher" for r in rows)
 
 
 def test_teacher_failure_degrades_to_the_slm(slm, tw_cfg, tw_tasks):

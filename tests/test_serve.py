@@ -112,6 +112,9 @@ def app(models_dir, tmp_path_factory):
     secure = serve_cfg(models_dir, llm.url, port, **{"serve.auth_token_env": "R2V_TEST_TOKEN"})
     serve.run(build_app(secure), name="secure", route_prefix="/secure")
     mp.undo()
+    graced = serve_cfg(models_dir, llm.url, port, **{"serve.router": "entropy", "serve.threshold": -1.0,
+                                                       "router.grace": 1})  # asks at every step; one deferral
+    serve.run(build_app(graced), name="graced", route_prefix="/graced")
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as client:
         yield {"client": client, "base": base, "llm": llm, "port": port}
@@ -217,6 +220,25 @@ def test_session_budget_cost_and_lifecycle(client, app):
     assert client.post(f"/v1/sessions/{sid}/step", json={"observation": "x"}).status_code == 404
     assert client.delete(f"/v1/sessions/{sid}").status_code == 404
     assert client.post("/v1/sessions/nope/step", json={"observation": "x"}).status_code == 404
+
+
+def test_session_grace_defers_one_reversible_escalation(client):
+    """router.grace=1 with a router that asks at every step: a session's first reversible proposal (a move or a
+    look) is the SLM's, the next goes to the teacher, an irreversible one always does; a stateless /v1/act, which
+    remembers no deferral, never defers."""
+    reversible, irreversible = ["go north", "look"], ["take key", "open door"]
+    sid = client.post("/graced/v1/sessions", json={"goal": GOAL}).json()["session_id"]
+    outs = []
+    for admissible in (irreversible, reversible, reversible):
+        r = client.post(f"/graced/v1/sessions/{sid}/step", json={"observation": "A room.", "admissible": admissible})
+        assert r.status_code == 200, r.text
+        outs.append(r.json())
+    assert [(o["deferred"], o["escalated"], o["actor"]) for o in outs] == \
+           [(False, True, "teacher"), (True, False, "slm"), (False, True, "teacher")]
+    assert outs[1]["action"] in reversible and outs[1]["risk"] > outs[1]["threshold"]
+    assert outs[2]["session"]["deferrals"] == 1 and outs[2]["session"]["llm_calls"] == 2
+    out = client.post("/graced/v1/act", json=act_body(admissible=reversible)).json()
+    assert out["deferred"] is False and out["actor"] == "teacher"
 
 
 def test_openai_client_chat_completions(app):

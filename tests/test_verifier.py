@@ -224,6 +224,20 @@ def test_terminal_rules():
     assert v.score(done, ["submit"])[0] > 0.5
 
 
+def test_reversible_actions_are_the_ones_the_agent_can_take_back():
+    from r2v.verifier.rules import reversible_action
+
+    assert reversible_action("textworld", "go east") and reversible_action("textworld", "Look")
+    assert reversible_action("textworld", "examine key")
+    assert not reversible_action("textworld", "take key") and not reversible_action("textworld", "open door")
+    assert reversible_action("terminal", "ls -la /app") and reversible_action("terminal", "cat data.txt | wc -l")
+    assert not reversible_action("terminal", "rm -rf /app") and not reversible_action("terminal", "echo 1 > out.txt")
+    assert not reversible_action("terminal", "submit")
+    assert reversible_action("code", "run tests")
+    assert not reversible_action("code", "submit") and not reversible_action("code", "write\ndef f(): pass")
+    assert not reversible_action("an-env-without-rules", "go east")
+
+
 # ----------------------------------------------------------------------------------------- learned
 def _write_rollouts(cfg: R2VConfig, tw_tasks) -> None:
     """Step shards as the rollout stage writes them: oracle and exploring episodes, some perturbed."""

@@ -304,6 +304,11 @@ class RouterConfig:
     budget_gap: float = 0.02
     budget_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # seeds of the routed calibration episodes
     budget_rounds: int = 4  # routed-collection rounds of the live budget search (each plays the calibration games)
+    # grace: per episode, how many of the router's escalations at a proposal the agent can take back on its own (a
+    # move, a look, a read-only command: r2v.verifier.rules.reversible_action) let the SLM try first; the router
+    # judges the next step afresh. Every thresholded router gets it alike (eval, budgets, Serve sessions); the
+    # fixed references (SLM/LLM alone, the oracles) never defer. 0 = escalate whenever the router asks
+    grace: int = 0
     kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
     fit_split: str = "train"  # train | val: val fits the router on tasks the SLM never trained on
     fit_fraction: float = 0.6  # with fit_split=val: share of val tasks fitted on; the rest calibrates
@@ -720,6 +725,9 @@ def validate(cfg: R2VConfig) -> None:
                           f"{cfg.serve.pace_memory} >= pace_every (or pace_budget=null: τ stays fixed)")
     if not 0 < cfg.router.alpha <= 1:
         raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
+    if cfg.router.grace < 0:
+        raise ConfigError(f"`router.grace` = {cfg.router.grace}: the deferrals allowed per episode, an integer >= 0 "
+                          f"(0 = escalate whenever the router asks)")
     if not 0 <= cfg.router.budget <= 1:
         raise ConfigError(f"`router.budget` = {cfg.router.budget} must be in [0, 1]")
     if cfg.router.choose_budget and (cfg.router.threshold != "budget" or not cfg.eval.budgets):

@@ -221,7 +221,7 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
     from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.live_budget import routing_name
     from r2v.rollout.router_rows import RoutedAgentFactory
-    from r2v.rollout.stage import collection_inputs, tasks_by_split
+    from r2v.rollout.stage import routed_inputs, tasks_by_split
 
     exp = Experiment(cfg)
     init_ray(cfg)
@@ -257,7 +257,7 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
     try:
         # a routing's episodes depend on its router and τ (in the policy name) and on these: changing eval.budgets
         # or retraining the router keeps every episode of routings that did not change
-        inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
+        inputs = routed_inputs(cfg, model_dir)
         collect(cfg, units, factories, exp.eval_episodes, inputs=inputs)
         store = ShardStore(exp.eval_episodes, "steps")
 

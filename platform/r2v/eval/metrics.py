@@ -16,7 +16,7 @@ import numpy as np
 from r2v.errors import R2VError
 
 SUMMARY_KEYS = ("success", "success_ci", "worst_seed_success", "cvar_failure", "llm_call_rate",
-                "episode_call_share", "redundant_call_share", "cost", "ece", "brier", "n_episodes", "n_games",
+                "llm_calls_per_episode", "steps_per_episode", "episode_call_share", "redundant_call_share", "cost", "ece", "brier", "n_episodes", "n_games",
                 "n_seeds")
 
 
@@ -169,7 +169,8 @@ def summarise_method(steps: Any, *, c_slm: float = 0.05, c_llm: float = 1.0, n_b
     `escalated`. `success_ci` is the cluster bootstrap over games (task_id; see `success_with_ci`); `n_games`
     is the number of distinct games behind it. `risk` (optional, null for methods without one) is scored
     against `label` when given, else against the episode's realised failure; ece/brier stay None unless every
-    risk is a probability. `cost` is the mean cost per episode. `redundant_call_share` (needs `action` and
+    risk is a probability. `cost` is the mean cost per episode; `llm_calls_per_episode` and `steps_per_episode`
+    are its two parts (a router that lets the SLM wander spends fewer calls per step partly by playing more steps). `redundant_call_share` (needs `action` and
     `candidates`, the SLM's proposal first, as routed steps record them; else None): the share of LLM calls at
     which the teacher took the very action the SLM had proposed, so the call changed nothing: a router's wasted
     spend, for any teacher and without labels (the hindsight router's is 0 by construction)."""
@@ -204,6 +205,8 @@ def summarise_method(steps: Any, *, c_slm: float = 0.05, c_llm: float = 1.0, n_b
         "worst_seed_success": worst_seed_success(ep["success"], ep["seed"]),
         "cvar_failure": cvar_failure(ep["success"], ep["seed"], alpha),
         "llm_call_rate": float(teacher.mean()),
+        "llm_calls_per_episode": float(ep["calls"].mean()),
+        "steps_per_episode": float(ep["steps"].mean()),
         "episode_call_share": float((ep["calls"] > 0).mean()),
         "redundant_call_share": redundant_call_share(df, teacher),
         "cost": float(per_ep_cost.mean()),

@@ -53,13 +53,14 @@ def _routers(names) -> list[str]:
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| method | success [95% CI by game] | worst-seed | CVaR₀.₂ fail | LLM calls/step | episodes w/ call "
-            "| redundant calls | cost/ep | ECE | Brier | episodes | games | seeds |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| method | success [95% CI by game] | worst-seed | CVaR₀.₂ fail | LLM calls/step | LLM calls/ep | steps/ep "
+            "| episodes w/ call | redundant calls | cost/ep | ECE | Brier | episodes | games | seeds |")
+    lines = [head, "|" + "---|" * 15]
     for name, r in results.items():
         lines.append(
             f"| {name} | {_fmt(r['success'])} {_ci(r['success_ci'])} | {_fmt(r['worst_seed_success'])} "
-            f"| {_fmt(r['cvar_failure'])} | {_fmt(r['llm_call_rate'])} | {_fmt(r['episode_call_share'])} "
+            f"| {_fmt(r['cvar_failure'])} | {_fmt(r['llm_call_rate'])} | {_fmt(r.get('llm_calls_per_episode'), 2)} "
+            f"| {_fmt(r.get('steps_per_episode'), 2)} | {_fmt(r['episode_call_share'])} "
             f"| {_fmt(r.get('redundant_call_share'), 2)} | {_fmt(r['cost'], 2)} | {_fmt(r.get('ece'))} "
             f"| {_fmt(r.get('brier'))} | {r['n_episodes']} | {_fmt(r.get('n_games'))} | {r['n_seeds']} |")
     return "\n".join(lines) + f"\n\n_redundant calls_: {REDUNDANT_CALLS}.\n"

@@ -10,7 +10,11 @@ step means, for both:
   proposal is executed and `escalation_error` says why;
 - an LLM call (what spends budget, what costs c_LLM, what eval counts) is a step whose `actor` is `teacher`:
   a failed teacher call spends nothing;
-- `budget_exhausted`: the router asked but no budget was left (the teacher was not called).
+- `budget_exhausted`: the router asked but no budget was left (the teacher was not called);
+- `deferred`: the router asked, but the proposal is one the agent can take back on its own (a move, a look, a
+  read-only command: `reversible_action`) and the episode still had grace (`router.grace`): the SLM's proposal is
+  executed and the router judges the next step afresh. A wrong move then costs steps, not an LLM call, unless
+  the SLM does not find its way back; an irreversible proposal is never deferred.
 
 The teacher's action is executed for real at an escalated step; whether the episode succeeds is only ever
 what the environment says.
@@ -24,6 +28,7 @@ from r2v.envs.base import Env, Task
 from r2v.policies.base import Decision, StepContext
 from r2v.router.baselines import HINDSIGHT_KEY, ORACLE_KEY, STEP_KEY, Router, step_key
 from r2v.router.features import FeatureTracker, features_by_name
+from r2v.verifier.rules import reversible_action
 
 
 def propose(decision: Decision, select: str) -> Decision:
@@ -74,6 +79,7 @@ class RoutedStep:
     threshold: float
     router: str
     budget_exhausted: bool = False
+    deferred: bool = False  # the router asked, the proposal was reversible and grace was left: no call
 
     @property
     def llm_call(self) -> bool:
@@ -82,9 +88,10 @@ class RoutedStep:
 
 
 async def routed_step(ctx: StepContext, calls: StepCalls, tracker: FeatureTracker, select: str,
-                      budget_left: int | None) -> RoutedStep:
-    """Decide one step (module docstring). `budget_left` None = unlimited. The caller updates `tracker`
-    with the executed action afterwards and counts `llm_call` against its budget."""
+                      budget_left: int | None, grace_left: int = 0) -> RoutedStep:
+    """Decide one step (module docstring). `budget_left` None = unlimited; `grace_left`: deferrals the episode
+    may still make. The caller updates `tracker` with the executed action afterwards and counts `llm_call`
+    against its budget and `deferred` against its grace."""
     d = await calls.slm(ctx)
     if calls.verify is not None and d.candidates:
         scores = await calls.verify(ctx, [c.text for c in d.candidates])
@@ -96,6 +103,9 @@ async def routed_step(ctx: StepContext, calls: StepCalls, tracker: FeatureTracke
     d.risk = r.risk
     step = RoutedStep(d, r.threshold, r.router)
     if not r.escalate or calls.teacher is None:
+        return step
+    if grace_left > 0 and reversible_action(ctx.task.env, d.action):
+        step.deferred = True
         return step
     if budget_left is not None and budget_left <= 0:
         step.budget_exhausted = True
@@ -132,15 +142,24 @@ def _call(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     return call
 
 
+def grace_for(router: Router, grace: int) -> int:
+    """The deferrals per episode a router gets: `router.grace`, except for the fixed references (SLM alone, LLM
+    alone, the oracles), whose rule is the whole method."""
+    return 0 if router.fixed else int(grace)
+
+
 class RoutedAgent:
     """One episode at a time: call `reset` at the start (run_episode does) and `observe` after each step.
-    `lookahead` (r2v.rollout.episode.Lookahead) is only for the hindsight router."""
+    `lookahead` (r2v.rollout.episode.Lookahead) is only for the hindsight router; `grace` (`router.grace`)
+    deferrals per episode (`grace_for`)."""
 
     def __init__(self, slm, verifier, router: Router, teacher, select: str = "verifier",
-                 budget_per_episode: int | None = None, name: str | None = None, lookahead=None):
+                 budget_per_episode: int | None = None, name: str | None = None, lookahead=None, grace: int = 0):
         self.slm, self.verifier, self.router, self.teacher = slm, verifier, router, teacher
         self.select = select
         self.budget = budget_per_episode
+        self.grace = grace_for(router, grace)
+        self.deferrals = 0
         self.name = name or f"routed:{router.name}"
         self.lookahead = lookahead
         if router.needs_lookahead and lookahead is None:
@@ -153,7 +172,7 @@ class RoutedAgent:
     def reset(self, task: Task) -> None:
         self.tracker = FeatureTracker()
         self.router.reset()
-        self.calls = 0
+        self.calls = self.deferrals = 0
         self.task, self.executed = task, []
 
     def observe(self, action: str, info: dict) -> None:
@@ -178,8 +197,9 @@ class RoutedAgent:
             teacher=_call(lambda c: self.teacher.act(c, env)) if self.teacher is not None else None,
         )
         budget_left = None if self.budget is None else self.budget - self.calls
-        step = run_sync(routed_step(ctx, calls, self.tracker, self.select, budget_left))
+        step = run_sync(routed_step(ctx, calls, self.tracker, self.select, budget_left, self.grace - self.deferrals))
         self.calls += int(step.llm_call)
+        self.deferrals += int(step.deferred)
         return step.decision
 
     def _teacher_would_change(self, ctx: StepContext, env: Env | None, action: str) -> bool:
@@ -190,4 +210,5 @@ class RoutedAgent:
         return self.teacher.act(ctx, env).action != action
 
 
-__all__ = ["propose", "route", "Route", "StepCalls", "RoutedStep", "routed_step", "run_sync", "RoutedAgent"]
+__all__ = ["propose", "route", "Route", "StepCalls", "RoutedStep", "routed_step", "run_sync", "grace_for",
+           "RoutedAgent"]

@@ -136,7 +136,7 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
-    from r2v.rollout.stage import collection_inputs
+    from r2v.rollout.stage import routed_inputs
     from r2v.router.stage import read_router_rows
     from r2v.router.thresholds import live_budget_search
 
@@ -150,7 +150,7 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     seeds = list(cfg.router.budget_seeds)
     model_dir = str(Experiment(cfg).deployed_policy_dir())
     out_dir = probes_dir(cfg)
-    inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
+    inputs = routed_inputs(cfg, model_dir)
     server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
 
     success: dict[tuple[str, float], float] = {}  # (name, τ) -> the probe's episode success on the val games

@@ -65,7 +65,8 @@ class RoutedAgentFactory:
             alone = RoutedAgent(slm, verifier, make_router("slm_only"), None, cfg.policy.select, name="slm")
             env_cfg = self.env_cfg or cfg.env
             lookahead = Lookahead(make_env(env_cfg), alone, env_cfg.max_steps, cfg.policy.history_steps)
-        return RoutedAgent(slm, verifier, self.router, teacher, cfg.policy.select, self.budget, self.name, lookahead)
+        return RoutedAgent(slm, verifier, self.router, teacher, cfg.policy.select, self.budget, self.name, lookahead,
+                           grace=cfg.router.grace)
 
 
 def branch_picks(cfg: R2VConfig, episode_id: str, length: int) -> list[int]:

@@ -43,6 +43,12 @@ def collection_inputs(cfg: R2VConfig, sections: tuple[str, ...], models: tuple[s
             "history_steps": cfg.policy.history_steps, **extra}
 
 
+def routed_inputs(cfg: R2VConfig, model_dir: str) -> dict[str, Any]:
+    """What routed episodes depend on besides their router and τ (both in the policy name): the SLM that plays,
+    the env, the verifier, the teacher, and the grace every thresholded router gets (`router.grace`)."""
+    return collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,), grace=cfg.router.grace)
+
+
 def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | None = None,
                 seeds: list[int] | None = None, model_dir: str | None = None) -> dict[str, Any]:
     """Collect `policy` episodes (teacher | slm) on the given splits under the given perturbation seeds.

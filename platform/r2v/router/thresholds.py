@@ -70,15 +70,16 @@ class BudgetPacer:
             raise R2VError(f"pacing needs a finite threshold, and `every` / `memory` >= 1 steps when set "
                            f"(serve.pace_every, serve.pace_memory); got τ = {tau}, every = {every}, memory = {memory}")
         self.tau, self.budget, self.every = float(tau), float(budget), every
-        self.recent: deque = deque(maxlen=memory)  # (risk, escalated) of the last `memory` routed steps
+        # (risk, LLM call, asked: risk ≥ the τ it met) of the last `memory` routed steps
+        self.recent: deque = deque(maxlen=memory)
         self.steps = self.escalations = self._since = 0
 
     def observe(self, risk: float, escalated: bool) -> float:
-        """Record one routed step (a NaN risk counts as a step, not as a risk); returns the τ for the next,
-        retuned once `every` steps have passed since the last retune."""
+        """Record one routed step (a NaN risk counts as a step, not as a risk) and whether it was an LLM call;
+        returns the τ for the next, retuned once `every` steps have passed since the last retune."""
         self.steps += 1
         self.escalations += int(bool(escalated))
-        self.recent.append((float(risk), bool(escalated)))
+        self.recent.append((float(risk), bool(escalated), bool(float(risk) >= self.tau)))
         self._since += 1
         if self.every is not None and self._since >= self.every:
             self.retune(self.every)
@@ -87,10 +88,11 @@ class BudgetPacer:
     def retune(self, next_steps: float) -> float:
         """Set τ for the next `next_steps` steps from the recorded ones (unchanged while none had a risk)."""
         self._since = 0
-        risks = np.fromiter((r for r, _ in self.recent), np.float64, len(self.recent))
+        risks = np.fromiter((r for r, _, _ in self.recent), np.float64, len(self.recent))
         if np.isfinite(risks).any():
-            calls = sum(e for _, e in self.recent)
-            self.tau = paced_threshold(risks[np.isfinite(risks)], calls, len(self.recent), self.budget, next_steps)
+            calls, asked = sum(e for _, e, _ in self.recent), sum(a for _, _, a in self.recent)
+            self.tau = paced_threshold(risks[np.isfinite(risks)], calls, len(self.recent), self.budget, next_steps,
+                                       conversion(calls, asked))
         return self.tau
 
     @property
@@ -99,13 +101,26 @@ class BudgetPacer:
         return self.escalations / self.steps if self.steps else 0.0
 
 
-def paced_threshold(risks: Any, escalations: int, steps: int, budget: float, next_steps: float) -> float:
+def conversion(calls: float, asked: float) -> float:
+    """The share of the router's asks (risk ≥ τ) that became LLM calls: 1 unless asks are deferred
+    (`router.grace`) or refused (a spent per-episode budget). 1 when nothing was asked yet."""
+    return calls / asked if asked > 0 else 1.0
+
+
+def ask_share(budget: float, conv: float) -> float:
+    """The share of steps to ask for so that `budget` of them become LLM calls, at conversion `conv`."""
+    return min(1.0, max(0.0, budget / conv)) if conv > 0 else 1.0
+
+
+def paced_threshold(risks: Any, escalations: int, steps: int, budget: float, next_steps: float,
+                    conv: float = 1.0) -> float:
     """`BudgetPacer`'s step: among the risks a routed stream met, the τ that escalates the share of the next
     `next_steps` steps which brings the running rate (`escalations` of `steps`) to `budget` by then, clipped to
-    [0, 1]: what earlier steps under- or over-spent is made up. At the fixed point, the B-quantile of the risks
-    met under routing, as in `live_budget_search`."""
+    [0, 1]: what earlier steps under- or over-spent is made up. τ asks for that share over the stream's
+    `conversion` (`conv`), since only that part of the asks become calls. At the fixed point, the quantile of the
+    risks met under routing that spends B, as in `live_budget_search`."""
     share = (budget * (steps + next_steps) - escalations) / max(float(next_steps), 1.0)
-    return budget_threshold(risks, min(1.0, max(0.0, share)))
+    return budget_threshold(risks, ask_share(min(1.0, max(0.0, share)), conv))
 
 
 def bayes_threshold(c_llm: float, c_slm: float, kappa: float) -> float:
@@ -232,7 +247,8 @@ def live_budget_search(p_offline: dict[str, Any], budgets: dict[str, float],
     The live rate of a threshold is only known by playing routed episodes: `measure({name: τ})` returns
     {name: (rate, risks of every step played)}, all names of a round in one batch. A fixed-point iteration:
     start at the offline quantile τ_0 = budget_threshold(p_offline, B), then τ_{k+1} = the B-quantile of
-    the risks the routed episodes of τ_k met (at the fixed point exactly B of the live steps have risk ≥ τ),
+    the risks the routed episodes of τ_k met (at the fixed point exactly B of the live steps have risk ≥ τ;
+    where only part of the asks become calls, `router.grace`, the quantile that spends B: `_propose`),
     accelerated by the secant through the last two probes.
     The live rate falls as τ grows, so probes on both sides of B bracket the answer; a proposal outside the
     bracket is replaced by its midpoint. A name stops once |rate − B| ≤ live_tolerance(B), when τ repeats,
@@ -265,10 +281,14 @@ def live_budget_search(p_offline: dict[str, Any], budgets: dict[str, float],
 
 
 def _propose(probes: list[tuple[float, float]], risks: Any, budget: float) -> float:
-    """The next τ: the B-quantile of the risks the last probe met (the fixed-point step); from the second
-    probe on, the secant through the last two probes (capped at twice the fixed-point step) when it moves further the same way (the fixed-point
-    steps approach B from one side, slowly, because escalating lowers the risks met later)."""
-    fixed = budget_threshold(risks, budget)
+    """The next τ: the quantile of the risks the last probe met that asks for B of the steps over the share of
+    asks that became calls there (`conversion`; 1 without grace or caps): the fixed-point step. From the second
+    probe on, the secant through the last two probes (capped at twice the fixed-point step) when it moves further
+    the same way (the fixed-point steps approach B from one side, slowly, because escalating lowers the risks met
+    later)."""
+    tau, rate = probes[-1]
+    risks = np.asarray(risks, np.float64)
+    fixed = budget_threshold(risks, ask_share(budget, conversion(rate, float(np.mean(risks >= tau)))))
     if len(probes) < 2:
         return fixed
     (t0, r0), (t1, r1) = probes[-2], probes[-1]
@@ -290,5 +310,5 @@ def _bracketed(proposal: float, probes: list[tuple[float, float]], budget: float
     return float((low + high) / 2)
 
 
-__all__ = ["BudgetPacer", "live_budget_search", "live_tolerance", "quantile_map", "apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
+__all__ = ["BudgetPacer", "live_budget_search", "conversion", "ask_share", "live_tolerance", "quantile_map", "apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
            "select_threshold", "above"]

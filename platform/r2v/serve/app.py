@@ -85,15 +85,18 @@ class RouterDeployment:
 
     def decide(self, features: dict[str, float], action: str = ""):
         """r2v.policies.routed.route (StepCalls.route's shape; the proposed `action` only matters to the oracle
-        router, which cannot be served). With a pacer (serve.pace_budget), τ is retuned every serve.pace_every
-        decisions."""
+        router, which cannot be served)."""
         from r2v.policies.routed import route
 
         self.router.reset()  # no episode state across requests (per-session state lives in the features)
-        verdict = route(self.router, features)
+        return route(self.router, features)
+
+    def observe(self, risk: float | None, llm_call: bool) -> None:
+        """One routed step's outcome for the pacer (serve.pace_budget): its risk and whether the teacher acted,
+        which the ingress knows after the step (a deferred or refused escalation is no call); τ is retuned every
+        serve.pace_every steps, as eval's paced routers count."""
         if self.pacer is not None:
-            self.router.threshold = self.pacer.observe(verdict.risk, verdict.escalate)
-        return verdict
+            self.router.threshold = self.pacer.observe(float("nan") if risk is None else risk, llm_call)
 
     def info(self) -> dict[str, Any]:
         out = {"router": self.router.name, "threshold": float(self.router.threshold), "source": self.source,
@@ -296,19 +299,24 @@ class Ingress:
                          route=lambda f, a: self._call("router", self.router.decide, f, a),
                          teacher=lambda c: self.teacher.act.remote(c))
 
-    async def _decide(self, ctx, mode: str, tracker, budget_left: int | None, endpoint: str) -> dict[str, Any]:
+    async def _decide(self, ctx, mode: str, tracker, budget_left: int | None, endpoint: str,
+                      grace_left: int = 0) -> dict[str, Any]:
         """`routed`: r2v.policies.routed.routed_step (the same step eval runs); `slm`: the SLM's likeliest
-        candidate alone. Returns the response fields (`escalated` as defined in r2v.policies.routed)."""
+        candidate alone. Returns the response fields (`escalated`, `deferred` as defined in r2v.policies.routed).
+        Only a session remembers its episode's deferrals, so only a session step gets grace (`grace_left`)."""
         from r2v.policies.routed import routed_step
 
         t0 = time.perf_counter()
         out: dict[str, Any] = {"risk": None, "threshold": None, "router": None, "escalated": False,
-                               "escalation_error": None, "budget_exhausted": False, "llm_call": False}
+                               "escalation_error": None, "budget_exhausted": False, "deferred": False,
+                               "llm_call": False}
         if mode == "routed":
-            step = await routed_step(ctx, self._step_calls(ctx, out), tracker, self.s["select"], budget_left)
+            step = await routed_step(ctx, self._step_calls(ctx, out), tracker, self.s["select"], budget_left,
+                                     grace_left)
             d = step.decision
             out.update(threshold=step.threshold if math.isfinite(step.threshold) else None,  # JSON has no inf
-                       router=step.router, budget_exhausted=step.budget_exhausted, llm_call=step.llm_call)
+                       router=step.router, budget_exhausted=step.budget_exhausted, deferred=step.deferred,
+                       llm_call=step.llm_call)
             if d.escalated:
                 self.counts["escalations"] += 1
                 self.m_escalations.inc(tags={"endpoint": endpoint})
@@ -318,6 +326,8 @@ class Ingress:
             if step.budget_exhausted:
                 self.counts["budget_exhausted"] += 1
                 self.m_budget.inc()
+            if self.s["paced"]:
+                await self._call("router", self.router.observe, d.risk, step.llm_call)
         else:
             d = await self._call("slm", self.slm.act, ctx)
         self.counts[f"steps_{mode}"] += 1
@@ -379,10 +389,12 @@ class Ingress:
             state.tracker.trim(limit)
             ctx = make_context(state.goal, req.observation, req.admissible, list(state.history), state.step,
                                state.max_steps, self.s["env_name"], state.task_id, info, req.observation_truncated)
-            out = await self._decide(ctx, req.mode, state.tracker, state.budget_left, "session")
+            out = await self._decide(ctx, req.mode, state.tracker, state.budget_left, "session",
+                                     max(0, int(self.s["grace"]) - state.deferrals))
             state.step += 1
             state.pending_action = out["action"]
             state.llm_calls += int(out["llm_call"])
+            state.deferrals += int(out["deferred"])
             state.teacher_errors += int(out["escalation_error"] is not None)
             state.teacher_tokens += out["teacher_tokens"]
             state.cost += self.s["cost_slm"] + (self.s["cost_llm"] if out["llm_call"] else 0.0)
@@ -532,6 +544,7 @@ def build_app(cfg: R2VConfig, models_dir: str | Path | None = None):
     """The Serve application (not yet running). Fails fast, in the caller, on a missing SLM, an unservable
     router, a bad threshold file, pacing a router without a threshold, bad deployment options or an unset auth
     token."""
+    from r2v.policies.routed import grace_for
     from r2v.serve.components import load_serving_router, serving_pacer, slm_path
 
     models_dir = str(models_dir or cfg.serve.models_dir)
@@ -548,6 +561,7 @@ def build_app(cfg: R2VConfig, models_dir: str | Path | None = None):
         "speculative_verify": cfg.serve.speculative_verify and cfg.policy.mode == "rank",
         "replica_retries": cfg.serve.replica_retries,
         "router": router.name, "threshold": float(router.threshold), "router_source": source,
+        "grace": grace_for(router, cfg.router.grace), "paced": cfg.serve.pace_budget is not None,
         "cost_slm": cfg.router.cost_slm, "cost_llm": cfg.router.cost_llm,
         "cost_per_1k_tokens": cfg.teacher.cost_per_1k_tokens, "created": int(time.time()), "slm_path": path,
     }

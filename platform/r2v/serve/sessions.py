@@ -28,6 +28,7 @@ class SessionState:
     pending_action: str | None = None  # the last decided action; its observation comes with the next step
     tracker: FeatureTracker = field(default_factory=FeatureTracker)
     llm_calls: int = 0
+    deferrals: int = 0  # router escalations this session let the SLM try first (`router.grace`)
     teacher_tokens: int = 0
     teacher_errors: int = 0
     cost: float = 0.0  # router cost units: c_slm per step + c_llm per LLM call (router.cost_*)
@@ -41,7 +42,8 @@ class SessionState:
         return max(0, self.budget - self.llm_calls)
 
     def summary(self) -> dict[str, Any]:
-        return {"session_id": self.id, "step": self.step, "llm_calls": self.llm_calls, "budget": self.budget,
+        return {"session_id": self.id, "step": self.step, "llm_calls": self.llm_calls, "deferrals": self.deferrals,
+                "budget": self.budget,
                 "budget_left": self.budget_left, "teacher_tokens": self.teacher_tokens,
                 "teacher_errors": self.teacher_errors, "cost": round(self.cost, 6),
                 "cost_usd": round(self.cost_usd, 6)}

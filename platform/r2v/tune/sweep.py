@@ -443,7 +443,7 @@ def add_live_rows(cfg: R2VConfig, frame):
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
-    from r2v.rollout.stage import tasks_by_split
+    from r2v.rollout.stage import routed_inputs, tasks_by_split
     from r2v.router.baselines import make_router
 
     picks = live_picks(cfg, frame)
@@ -465,7 +465,7 @@ def add_live_rows(cfg: R2VConfig, frame):
     episodes = Experiment(cfg).sweep_dir / "live" / "episodes"
     print(f"[sweep] live re-evaluation: {len(picks)} points x {len(units) // len(picks)} episodes on {cfg.eval.split}")
     try:
-        collect(cfg, units, factories, episodes)
+        collect(cfg, units, factories, episodes, inputs=routed_inputs(cfg, model_dir))
     finally:
         ray.kill(server)
     df = ShardStore(episodes, "steps").read_pandas()

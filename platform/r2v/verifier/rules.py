@@ -567,6 +567,21 @@ SIGNALS: dict[str, tuple[str, ...]] = {
 RULE_VERIFIERS = {"textworld": TextWorldRuleVerifier, "code": CodeRuleVerifier, "terminal": TerminalRuleVerifier}
 
 
+def reversible_action(env_name: str, action: str) -> bool:
+    """Whether the agent can take `action` back on its own, so a wrong one costs steps, not the episode: a move or
+    a look (TextWorld), a read-only command (terminal), running the tests (code). What `router.grace` lets the SLM
+    try before the teacher is called; a `take`, a write or a submit is never deferred."""
+    a = " ".join((action or "").lower().split())
+    if env_name == "textworld":
+        verb = a.partition(" ")[0]
+        return verb == "go" or verb in _NEUTRAL
+    if env_name == "terminal":
+        return _command_class(action or "") == "inspect"
+    if env_name == "code":
+        return _code_verb(action) == "run tests"
+    return False
+
+
 def rule_verifier(env_name: str, tasks: dict[str, Task] | None = None, limits=None):
     """The rule verifier of an env (`env.name`); `limits` (SandboxLimits) bound the code verifier's test runs."""
     if env_name not in RULE_VERIFIERS:
@@ -576,5 +591,5 @@ def rule_verifier(env_name: str, tasks: dict[str, Task] | None = None, limits=No
     return RULE_VERIFIERS[env_name]()
 
 
-__all__ = ["TextWorldRuleVerifier", "CodeRuleVerifier", "TerminalRuleVerifier", "rule_verifier", "split_injections",
-           "goal_plan", "SIGNALS"]
+__all__ = ["TextWorldRuleVerifier", "CodeRuleVerifier", "TerminalRuleVerifier", "rule_verifier", "reversible_action",
+           "split_injections", "goal_plan", "SIGNALS"]
