@@ -78,7 +78,8 @@ def test_grace_lets_the_slm_try_reversible_proposals_first(slm, tw_cfg, tw_tasks
             proposal = r["candidates"][0]["text"]
             defer = left > 0 and reversible_action("textworld", proposal)
             assert r["risk"] > always.threshold
-            assert (r["actor"], r["escalated"]) == (("slm", False) if defer else ("teacher", True)), (r["step"], proposal)
+            want = ("slm", False) if defer else ("teacher", True)
+            assert (r["actor"], r["escalated"]) == want, (r["step"], proposal)
             left -= int(defer)
             deferred_any |= defer
         assert a.deferrals == 2 - left

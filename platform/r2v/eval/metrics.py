@@ -16,8 +16,8 @@ import numpy as np
 from r2v.errors import R2VError
 
 SUMMARY_KEYS = ("success", "success_ci", "worst_seed_success", "cvar_failure", "llm_call_rate",
-                "llm_calls_per_episode", "steps_per_episode", "episode_call_share", "redundant_call_share", "cost", "ece", "brier", "n_episodes", "n_games",
-                "n_seeds")
+                "llm_calls_per_episode", "steps_per_episode", "episode_call_share", "redundant_call_share", "cost",
+                "ece", "brier", "n_episodes", "n_games", "n_seeds")
 
 
 def _arr(x: Any, dtype=np.float64) -> np.ndarray:
@@ -170,10 +170,11 @@ def summarise_method(steps: Any, *, c_slm: float = 0.05, c_llm: float = 1.0, n_b
     is the number of distinct games behind it. `risk` (optional, null for methods without one) is scored
     against `label` when given, else against the episode's realised failure; ece/brier stay None unless every
     risk is a probability. `cost` is the mean cost per episode; `llm_calls_per_episode` and `steps_per_episode`
-    are its two parts (a router that lets the SLM wander spends fewer calls per step partly by playing more steps). `redundant_call_share` (needs `action` and
-    `candidates`, the SLM's proposal first, as routed steps record them; else None): the share of LLM calls at
-    which the teacher took the very action the SLM had proposed, so the call changed nothing: a router's wasted
-    spend, for any teacher and without labels (the hindsight router's is 0 by construction)."""
+    are its two parts (a router that lets the SLM wander spends fewer calls per step partly by playing more
+    steps). `redundant_call_share` (needs `action` and `candidates`, the SLM's proposal first, as routed steps
+    record them; else None): the share of LLM calls at which the teacher took the very action the SLM had
+    proposed, so the call changed nothing: a router's wasted spend, for any teacher and without labels (the
+    hindsight router's is 0 by construction)."""
     import pandas as pd
 
     df = steps if isinstance(steps, pd.DataFrame) else pd.DataFrame(steps)

@@ -53,8 +53,8 @@ def _routers(names) -> list[str]:
 
 
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
-    head = ("| method | success [95% CI by game] | worst-seed | CVaR₀.₂ fail | LLM calls/step | LLM calls/ep | steps/ep "
-            "| episodes w/ call | redundant calls | cost/ep | ECE | Brier | episodes | games | seeds |")
+    head = ("| method | success [95% CI by game] | worst-seed | CVaR₀.₂ fail | LLM calls/step | LLM calls/ep "
+            "| steps/ep | episodes w/ call | redundant calls | cost/ep | ECE | Brier | episodes | games | seeds |")
     lines = [head, "|" + "---|" * 15]
     for name, r in results.items():
         lines.append(

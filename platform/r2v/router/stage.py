@@ -174,8 +174,7 @@ def default_budget(cfg: R2VConfig, model=None) -> float:
 def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = False) -> dict[str, Any]:
     """Map a target LLM-call budget (the share of live routed steps the teacher acts on) to the trained
     router's threshold by routed episodes on the calibration games; prints the rate they realised and what they
-    won there (`calibration_success`). `write`
-    stores the threshold in models/router so eval and serve use it."""
+    won there (`calibration_success`). `write` stores the threshold in models/router so eval and serve use it."""
     from r2v.router.model import RiskModel
 
     saved = Experiment(cfg).model("router")
@@ -189,7 +188,8 @@ def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = Fal
         raise R2VError("no calibration router rows: run `r2v collect-router` with val tasks in the split")
     info = set_live_threshold(cfg, model, budget, model.predict(step_features(cal)), twin)
     out = {"budget": budget, "threshold": info["tau"], "calibration_call_rate": info["live_rate"],
-           "calibration_success": info["val_success"], "calibrated_on": info["calibrated_on"], "probes": info["probes"]}
+           "calibration_success": info["val_success"], "calibrated_on": info["calibrated_on"],
+           "probes": info["probes"]}
     if write:
         save_risk_model(model, twin, saved)
         out["written_to"] = str(saved)

@@ -310,5 +310,6 @@ def _bracketed(proposal: float, probes: list[tuple[float, float]], budget: float
     return float((low + high) / 2)
 
 
-__all__ = ["BudgetPacer", "live_budget_search", "conversion", "ask_share", "live_tolerance", "quantile_map", "apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate", "realised_cvar",
-           "select_threshold", "above"]
+__all__ = ["BudgetPacer", "live_budget_search", "conversion", "ask_share", "live_tolerance", "quantile_map",
+           "apply_step_threshold", "bayes_threshold", "budget_threshold", "cvar_threshold", "calibrate", "realised_rate",
+           "realised_cvar", "select_threshold", "above"]
