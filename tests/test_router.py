@@ -623,8 +623,10 @@ def test_budget_pacer_makes_up_what_earlier_steps_underspent():
 
 
 def test_served_router_paces_to_serve_pace_budget(tmp_path):
-    """The Serve router deployment's own decide(): with serve.pace_budget its τ follows the stream; a router
-    without a threshold cannot be paced (caught when the app is built)."""
+    """The Serve router deployment's own decide() and observe() (the ingress reports each step's outcome): with
+    serve.pace_budget its τ follows the stream's LLM calls, also when only every other ask becomes a call (grace
+    deferring, a spent session budget refusing); a router without a threshold cannot be paced (caught when the
+    app is built)."""
     from r2v.config import load_config
     from r2v.errors import ConfigError
     from r2v.serve.app import RouterDeployment
@@ -633,13 +635,22 @@ def test_served_router_paces_to_serve_pace_budget(tmp_path):
     rng = np.random.default_rng(1)
     cfg = load_config("conf/quickstart.yaml", ["serve.router=entropy", "serve.threshold=0.5",
                                                "serve.pace_budget=0.25"])
-    dep = RouterDeployment.func_or_class(cfg, str(tmp_path))
     entropies = rng.exponential(1.0, 6000)
-    decisions = [dep.decide(_feat(entropy=float(h))).escalate for h in entropies]
     assert np.mean(entropies > 0.5) > 0.55  # the fixed τ's rate on this stream
-    assert abs(np.mean(decisions[2000:]) - 0.25) < 0.03
+    for every_other in (False, True):
+        dep = RouterDeployment.func_or_class(cfg, str(tmp_path))
+        asks, calls = [], []
+        for h in entropies:
+            verdict = dep.decide(_feat(entropy=float(h)))
+            call = verdict.escalate and not (every_other and len(asks) % 2)
+            dep.observe(verdict.risk, call)
+            asks.append(verdict.escalate)
+            calls.append(call)
+        assert abs(np.mean(calls[2000:]) - 0.25) < 0.03
+        if every_other:  # it asks for twice the budget so that the calls, not the asks, come to it
+            assert abs(np.mean(asks[2000:]) - 0.5) < 0.06
     info = dep.info()
-    assert info["pace_budget"] == 0.25 and info["paced_steps"] == 6000 and info["threshold"] > 1.0
+    assert info["pace_budget"] == 0.25 and info["paced_steps"] == 6000 and info["threshold"] > 0.5
     assert RouterDeployment.func_or_class(load_config("conf/quickstart.yaml", ["serve.router=entropy"]),
                                           str(tmp_path)).pacer is None  # off by default
     with pytest.raises(ConfigError, match="no threshold to move"):
