@@ -43,8 +43,7 @@ class SessionState:
 
     def summary(self) -> dict[str, Any]:
         return {"session_id": self.id, "step": self.step, "llm_calls": self.llm_calls, "deferrals": self.deferrals,
-                "budget": self.budget,
-                "budget_left": self.budget_left, "teacher_tokens": self.teacher_tokens,
+                "budget": self.budget, "budget_left": self.budget_left, "teacher_tokens": self.teacher_tokens,
                 "teacher_errors": self.teacher_errors, "cost": round(self.cost, 6),
                 "cost_usd": round(self.cost_usd, 6)}
 

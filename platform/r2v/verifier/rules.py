@@ -571,9 +571,8 @@ def reversible_action(env_name: str, action: str) -> bool:
     """Whether the agent can take `action` back on its own, so a wrong one costs steps, not the episode: a move or
     a look (TextWorld), a read-only command (terminal), running the tests (code). What `router.grace` lets the SLM
     try before the teacher is called; a `take`, a write or a submit is never deferred."""
-    a = " ".join((action or "").lower().split())
     if env_name == "textworld":
-        verb = a.partition(" ")[0]
+        verb = _norm(action).partition(" ")[0]
         return verb == "go" or verb in _NEUTRAL
     if env_name == "terminal":
         return _command_class(action or "") == "inspect"
