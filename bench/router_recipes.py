@@ -35,7 +35,7 @@ RECIPES: dict[str, list[str]] = {
     "logistic, proposal's verifier score + confidence": [f"router.features={DECISION}", "router.hidden_sizes=[]"],
     # router.grace: escalations per episode at a proposal the agent can take back that let the SLM try first
     **{f"mlp, all features, grace {g}": ["router.features=[]", "router.hidden_sizes=[128,64]", f"router.grace={g}"]
-       for g in (0, 1, 2, 3)},
+       for g in (0, 1, 2, 3, 4)},
 }
 COPIED = ("router", "models", "tasks")  # what train-router reads of a finished run
 

@@ -60,6 +60,27 @@ def test_search_hits_the_live_rate_when_grace_defers_asks(budget):
     assert asked > out["rate"] + live_tolerance(budget)  # grace deferred a real share of the asks
 
 
+def test_a_budget_grace_cannot_spend_is_searched_again_without_grace():
+    """With grace 4 the deferred steps alone cap the live rate below 0.6 (τ = 0 still leaves them to the SLM):
+    the search plays 0.6 again without grace and lands within the tolerance, the record and the router say
+    grace 0; a budget grace can spend (0.2) keeps the configured grace."""
+    from r2v.policies.routed import grace_for
+    from r2v.rollout.live_budget import search_spending_grace
+    from r2v.router.baselines import make_router
+
+    assert play(0.0, grace=4)[0] < 0.6 - live_tolerance(0.6)
+    routers = {"low": make_router("random"), "high": make_router("random")}
+    _, p_offline = play(tau=np.inf)
+    found = search_spending_grace({n: p_offline for n in routers}, {"low": 0.2, "high": 0.6},
+                                  lambda taus: {n: play(t, grace=grace_for(routers[n], 4)) for n, t in taus.items()},
+                                  routers, grace=4, rounds=6)
+    assert found["high"]["grace"] == 0 and routers["high"].grace == 0
+    assert abs(found["high"]["rate"] - 0.6) <= live_tolerance(0.6)
+    assert "grace" not in found["low"] and routers["low"].grace is None
+    assert abs(found["low"]["rate"] - 0.2) <= live_tolerance(0.2)
+    assert float(np.mean(play(found["low"]["tau"], grace=4)[1] >= found["low"]["tau"])) > found["low"]["rate"]
+
+
 def test_search_batches_names_and_stops_each_on_its_own():
     _, p = play(tau=np.inf)
     calls = []

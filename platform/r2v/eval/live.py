@@ -70,6 +70,7 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
     thresholded baselines get r2v's budget (`default_budget`); fixed routers and OWN_RULE baselines keep their
     own rule.
     Returns (routers, notes: threshold, target budget and the calibration-game rate per method)."""
+    from r2v.policies.routed import grace_for
     from r2v.rollout.live_budget import calibrate_live
     from r2v.router.stage import default_budget, read_router_rows, router_part
 
@@ -102,7 +103,8 @@ def build_routers(cfg: R2VConfig) -> tuple[dict[str, Router], dict[str, Any]]:
         info = getattr(getattr(router, "model", None), "threshold_info", {}) if name == "r2v" else {}
         notes[name] = {"threshold": float(router.threshold), "budget": rec.get("budget", info.get("budget")),
                        "calibration_call_rate": rec.get("rate", info.get("live_rate")),
-                       "calibration_probes": len(rec.get("probes", info.get("probes", [])))}
+                       "calibration_probes": len(rec.get("probes", info.get("probes", []))),
+                       "grace": grace_for(router, cfg.router.grace)}
     return routers, notes
 
 

@@ -27,7 +27,7 @@ from r2v.eval.metrics import (REDUNDANT_CALLS, SUMMARY_KEYS, frontier_bootstrap,
 from r2v.experiment import Experiment, read_selection
 
 # a budgeted method's target and the rate its τ gave on the calibration games, beside the realised test rate
-RESULT_KEYS = SUMMARY_KEYS + ("budget", "calibration_call_rate", "threshold")
+RESULT_KEYS = SUMMARY_KEYS + ("budget", "calibration_call_rate", "threshold", "grace")
 ROUTER_ORDER = ("r2v", "r2v_paced", "entropy", "random", "verifier", "verifier_action", "heuristic", "pre_execution",
                 "steer")
 TEACHER, SLM = "llm_only", "slm_only"
@@ -68,12 +68,14 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
 
 def budget_table(results: dict[str, dict[str, Any]]) -> str:
     """Budgets x routers: `success [95% CI] @ realised LLM calls/step (the rate τ gave on the calibration games)`:
-    τ is set by routed episodes on validation games; the test games' rate can differ."""
+    τ is set by routed episodes on validation games; the test games' rate can differ. "no grace": a budget that
+    `router.grace` kept from being spent, played without it (r2v.rollout.live_budget.search_spending_grace)."""
     curves = router_curves(results)
     if not curves:
         return "_no `router@budget` methods were evaluated (set `eval.budgets`)_\n"
     routers = _routers(curves)
     budgets = sorted({split_method(n)[1] for names in curves.values() for n in names})
+    graced = any(r.get("grace") for r in results.values())  # then a budget played without grace says so
     lines = ["| budget | " + " | ".join(routers) + " |", "|" + "---|" * (len(routers) + 1)]
     for b in budgets:
         cells = []
@@ -82,7 +84,8 @@ def budget_table(results: dict[str, dict[str, Any]]) -> str:
             cal = r.get("calibration_call_rate") if r else None
             cells.append("–" if r is None else
                          f"{_fmt(r['success'])} {_ci(r['success_ci'])} @ {_fmt(r['llm_call_rate'])}"
-                         + (f" (cal. {_fmt(cal)})" if cal is not None else ""))
+                         + (f" (cal. {_fmt(cal)}{', no grace' if graced and r.get('grace') == 0 else ''})"
+                            if cal is not None else ""))
         lines.append(f"| {b:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -266,7 +269,8 @@ def budget_choice_section(choice: dict[str, Any] | None) -> str:
         return ""
     lines = ["| budget | τ | val calls/step | val success | default |", "|---|---|---|---|---|"]
     for c in sorted(choice["candidates"], key=lambda c: c["budget"]):
-        lines.append(f"| {c['budget']:g} | {c['tau']:.4g} | {_fmt(c['rate'])} | {_fmt(c['success'])} "
+        no_grace = " (no grace)" if c.get("grace") == 0 else ""
+        lines.append(f"| {c['budget']:g} | {c['tau']:.4g} | {_fmt(c['rate'])}{no_grace} | {_fmt(c['success'])} "
                      f"| {'**yes**' if c['budget'] == choice['chosen'] else ''} |")
     chosen = "none reached it: router.budget kept" if choice["chosen"] is None else f"{choice['chosen']:g}"
     return ("\n## Default budget (train-router, on the val games)\n\n"

@@ -143,9 +143,12 @@ def _call(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
 
 
 def grace_for(router: Router, grace: int) -> int:
-    """The deferrals per episode a router gets: `router.grace`, except for the fixed references (SLM alone, LLM
-    alone, the oracles), whose rule is the whole method."""
-    return 0 if router.fixed else int(grace)
+    """The deferrals per episode a router gets: `grace` (`router.grace`) or the grace its τ was set with
+    (`Router.grace`, when a budget was not spendable with `grace`), except for the fixed references (SLM alone,
+    LLM alone, the oracles), whose rule is the whole method."""
+    if router.fixed:
+        return 0
+    return int(grace if router.grace is None else router.grace)
 
 
 class RoutedAgent:

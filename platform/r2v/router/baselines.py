@@ -43,6 +43,9 @@ class Router:
     needs_step_key = False  # True: the caller adds features[STEP_KEY] where it knows the step (rollouts)
     learned = False  # True: fitted on the router's fit tasks, so its rate there is in-sample (see live_budget)
     twin: "Router | None" = None  # a learned router's cross-fitted twin: fitted on the calibration tasks instead
+    # deferrals per episode this router's τ was set with, when not `router.grace`: a live budget search plays a
+    # budget that grace keeps from being spent without grace (r2v.rollout.live_budget.calibrate_live)
+    grace: int | None = None
 
     def __init__(self, threshold: float = 0.5, strict: bool = False):
         self.threshold = float(threshold)
@@ -391,6 +394,8 @@ class R2VRouter(Router):
                 twin = RiskModel.load(Path(model_dir) / TWIN_DIR, device=device)
         self.model, self.model_dir = model, (str(model_dir) if model_dir is not None else None)
         super().__init__(model.threshold if threshold is None else threshold, strict=False)
+        if threshold is None:  # its stored τ, with the grace that τ was set with (None: `router.grace`)
+            self.grace = model.threshold_info.get("grace")
         if twin is not None:
             self.twin = R2VRouter(model=twin)  # at its own τ: the same quantile as this one's (live_budget)
 

@@ -142,7 +142,8 @@ def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray
         rec = chosen_budget(found, teacher, cfg.router.budget_gap)
         choice = {"rule": f"smallest of eval.budgets with val success >= teacher - {cfg.router.budget_gap:g}",
                   "teacher_success": teacher, "chosen": None if rec is None else rec["budget"],
-                  "candidates": [{k: r[k] for k in ("budget", "tau", "rate", "success")} for r in found.values()]}
+                  "candidates": [{k: r[k] for k in ("budget", "tau", "rate", "success", "grace") if k in r}
+                                 for r in found.values()]}
         if rec is None:
             print(f"[train-router] no budget of {sorted(names.values())} reaches the teacher's val success "
                   f"{teacher:.3f} - {cfg.router.budget_gap:g}: keeping router.budget={budget:g}")
@@ -152,8 +153,9 @@ def set_live_threshold(cfg: R2VConfig, model, budget: float, p_steps: np.ndarray
     model.threshold_info = {"kind": "budget", "budget": rec["budget"], "tau": rec["tau"], "live_rate": rec["rate"],
                             "val_success": rec["success"], "offline_rate": float(np.mean(p_steps >= rec["tau"])),
                             "probes": rec["probes"], "calibrated_on": rec["calibrated_on"]}
-    if "twin_tau" in rec:
-        model.threshold_info["twin_tau"] = rec["twin_tau"]
+    for key in ("twin_tau", "grace"):
+        if key in rec:
+            model.threshold_info[key] = rec[key]
     if choice is not None:
         model.threshold_info["budget_choice"] = choice
     return model.threshold_info
@@ -190,6 +192,8 @@ def run_calibrate(cfg: R2VConfig, budget: float | None = None, write: bool = Fal
     out = {"budget": budget, "threshold": info["tau"], "calibration_call_rate": info["live_rate"],
            "calibration_success": info["val_success"], "calibrated_on": info["calibrated_on"],
            "probes": info["probes"]}
+    if "grace" in info:  # the budget was only spendable without router.grace (live_budget.search_spending_grace)
+        out["grace"] = info["grace"]
     if write:
         save_risk_model(model, twin, saved)
         out["written_to"] = str(saved)
