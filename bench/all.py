@@ -476,9 +476,11 @@ def render_router_matrix(d: dict[str, Any]) -> str:
 
 
 def budget_cells(points: list[dict[str, Any]], budgets: list[float]) -> list[str]:
-    """`success @ live calls/step` of a live budget search's points (bench.router_recipes.points), per budget."""
+    """`success @ live calls/step` of a live budget search's points (bench.router_recipes.points), per budget;
+    "(no grace)": a budget `router.grace` could not spend, played without it (live_budget.search_spending_grace)."""
     at = {p["budget"]: p for p in points}
-    return [f"{f(at[b]['success'])} @ {f(at[b]['rate'])}" if b in at else "–" for b in budgets]
+    return [f"{f(at[b]['success'])} @ {f(at[b]['rate'])}" + (" (no grace)" if at[b].get("grace") == 0 else "")
+            if b in at else "–" for b in budgets]
 
 
 def render_router_recipes(d: dict[str, Any]) -> str:

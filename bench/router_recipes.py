@@ -66,7 +66,7 @@ def points(meta: dict[str, Any]) -> list[dict[str, Any]]:
     info = meta.get("threshold_info") or {}
     choice = info.get("budget_choice") or {}
     if choice.get("candidates"):
-        return [{"budget": c["budget"], "rate": c["rate"], "success": c["success"]} for c in choice["candidates"]]
+        return [{k: c[k] for k in ("budget", "rate", "success", "grace") if k in c} for c in choice["candidates"]]
     if info.get("live_rate") is None:
         return []
     return [{"budget": info.get("budget"), "rate": info["live_rate"], "success": info.get("val_success")}]

@@ -63,6 +63,20 @@ def test_write_results(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 5000
 
 
+def test_budget_table_marks_a_budget_played_without_grace():
+    """A budget `router.grace` could not spend is searched again without grace (live_budget.search_spending_grace):
+    its cell says so, the graced budgets' cells do not, and without grace anywhere no cell says it."""
+    results = _results(_steps())
+    for name, grace in (("r2v@0.2", 3), ("r2v@0.4", 0), ("entropy@0.2", 3), ("random@0.4", 3)):
+        results[name].update(grace=grace, calibration_call_rate=0.3)
+    rows = {line.split(" |")[0]: line for line in budget_table(results).splitlines()}
+    assert "no grace" in rows["| 0.4"].split("|")[2] and "no grace" not in rows["| 0.4"].split("|")[4]
+    assert "no grace" not in rows["| 0.2"]
+    for r in results.values():
+        r["grace"] = 0
+    assert "no grace" not in budget_table(results)
+
+
 def test_frontier_without_episodes_or_references(tmp_path):
     results = _results(_steps())
     point = frontier_of(results)  # no per-step data: point estimates, no CIs
