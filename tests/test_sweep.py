@@ -296,6 +296,24 @@ def test_best_budget_files_meet_their_budget_on_validation(swept):
     assert summary["val_success_offline_at_0.3"] > steps.slm_success
 
 
+def test_a_best_router_keeps_the_grace_its_live_tau_was_searched_with(swept, tmp_path):
+    """A sweep budget that `router.grace` could not spend is searched without grace
+    (live_budget.search_spending_grace): the saved best router routes without it, as eval and Serve load it; a
+    budget searched with grace keeps `router.grace` (no stored grace)."""
+    from r2v.router.baselines import make_router
+    from r2v.tune import load_best
+    from r2v.tune.sweep import write_best
+
+    cfg, *_ = swept
+    cfg = dataclasses.replace(cfg, runs_dir=str(tmp_path))
+    row = pd.read_parquet(Path(swept[0].experiment_dir) / "sweep" / "frontier.parquet").iloc[0]
+    search = {"tau": 0.25, "rate": 0.6, "probes": [(0.25, 0.6)], "calibrated_on": "routed episodes"}
+    for budget, live, grace in ((0.6, search | {"grace": 0}, 0), (0.2, search, None)):
+        best = load_best(write_best(cfg, row, budget, live))
+        assert best["meta"].get("grace") == grace and best["threshold"] == 0.25
+        assert make_router("r2v", model_dir=best["model_dir"]).grace == grace
+
+
 @pytest.mark.ray
 def test_live_reevaluation_of_pareto_points(swept, tw_cfg):
     """sweep.live=true on a tiny real setup: TextWorld tasks, a tiny SLM built from config, the oracle teacher.

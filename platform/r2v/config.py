@@ -307,7 +307,8 @@ class RouterConfig:
     # grace: per episode, how many of the router's escalations at a proposal the agent can take back on its own (a
     # move, a look, a read-only command: r2v.verifier.rules.reversible_action) let the SLM try first; the router
     # judges the next step afresh. Every thresholded router gets it alike (eval, budgets, Serve sessions); the
-    # fixed references (SLM/LLM alone, the oracles) never defer. 0 = escalate whenever the router asks
+    # fixed references (SLM/LLM alone, the oracles) never defer. A budget it keeps from being spent is played
+    # without it (r2v.rollout.live_budget.search_spending_grace). 0 = escalate whenever the router asks
     grace: int = 0
     kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
     fit_split: str = "train"  # train | val: val fits the router on tasks the SLM never trained on

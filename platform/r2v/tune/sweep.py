@@ -358,6 +358,8 @@ def write_best(cfg: R2VConfig, row, budget: float, live: dict[str, Any] | None =
     if live:
         model.threshold_info.update(kind="budget", live_rate=live["rate"], probes=live["probes"],
                                     calibrated_on=live["calibrated_on"])
+        if "grace" in live:  # τ was searched without router.grace: the saved router routes so (R2VRouter.grace)
+            model.threshold_info["grace"] = live["grace"]
     model_dir = model.save(Experiment(cfg).sweep_dir.resolve() / f"best-{budget:g}" / MODEL_SUBDIR)
     rcfg = router_config(cfg.router, {k: row[k] for k in ("alpha", "epsilon", "brier_weight", "label", "dual_lr",
                                                            "calibration", "threshold", "budget", "cost_ratio")},
@@ -373,7 +375,7 @@ def write_best(cfg: R2VConfig, row, budget: float, live: dict[str, Any] | None =
     }
     if live:
         doc["sweep_result"].update(threshold_kind="live", val_llm_call_rate_live=float(live["rate"]),
-                                   calibrated_on=live["calibrated_on"])
+                                   calibrated_on=live["calibrated_on"], **{k: live[k] for k in ("grace",) if k in live})
     how = ("τ set live on the calibration games, success an offline estimate" if live
            else "OFFLINE ESTIMATE: τ is a step quantile, not a live rate")
     path = best_path(cfg, budget)
