@@ -487,7 +487,7 @@ def render_router_recipes(d: dict[str, Any]) -> str:
     preset = d.get("preset_router") or {}
     md = (f"Router recipes of `{d.get('experiment')}` (`{d.get('config')}`; preset: label `{preset.get('label')}`, "
           f"features {preset.get('features') or 'all'}, hidden sizes {preset.get('hidden_sizes')}, grace "
-          f"{preset.get('grace', 0)}), each trained as "
+          f"{preset.get('grace', 0)}, carry {preset.get('carry', 0)}), each trained as "
           "`r2v train-router` trains the preset, its τ set by routed episodes on the validation games: success @ live "
           "LLM calls/step of those episodes at each budget. Test games are not played: the preset's router is chosen "
           "here.\n\n")

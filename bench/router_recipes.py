@@ -36,6 +36,9 @@ RECIPES: dict[str, list[str]] = {
     # router.grace: escalations per episode at a proposal the agent can take back that let the SLM try first
     **{f"mlp, all features, grace {g}": ["router.features=[]", "router.hidden_sizes=[128,64]", f"router.grace={g}"]
        for g in (0, 1, 2, 3, 4)},
+    # router.carry: steps a call that changed nothing (the teacher took the SLM's own proposal) carries on to
+    "mlp, all features, grace 3, no carry": ["router.features=[]", "router.hidden_sizes=[128,64]", "router.grace=3",
+                                             "router.carry=0"],
 }
 COPIED = ("router", "models", "tasks")  # what train-router reads of a finished run
 
@@ -153,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         pts = points_line(r.get("points", []))
         print(f"{r['recipe']:<50}{r.get('architecture') or r['status']}\n    {pts}")
     result = {"status": "ok", "experiment": args.exp, "config": args.config,
-              "preset_router": {k: preset[k] for k in ("label", "features", "hidden_sizes", "budget", "grace")},
+              "preset_router": {k: preset[k] for k in ("label", "features", "hidden_sizes", "budget", "grace", "carry")},
               "rows": rows}
     return write_result(args.out, result)
 

@@ -5,12 +5,12 @@ import pytest
 from r2v.config import ModelConfig, PolicyConfig, R2VConfig, TinyModelConfig
 from r2v.envs.registry import make_env
 from r2v.policies.init_model import save_tiny_model
-from r2v.policies.routed import RoutedAgent
+from r2v.policies.routed import RoutedAgent, carry_after
 from r2v.policies.slm import SLMPolicy
 from r2v.policies.teachers import OracleTeacher, TeacherReply
 from r2v.rollout.episode import BranchAgent, EpisodeMeta, run_episode
 from r2v.rollout.router_rows import label_rows
-from r2v.router.baselines import make_router
+from r2v.router.baselines import Router, make_router
 from r2v.router.features import FEATURE_NAMES
 from r2v.verifier import make_verifier
 
@@ -30,11 +30,40 @@ class BrokenTeacher:
         return TeacherReply(None, error="HTTP 503: overloaded")
 
 
-def agent(slm, tw_cfg, router, teacher, budget=None, grace=0):
+class AsksAtFirstStep(Router):
+    """Asks for the teacher at step 0 and never again."""
+
+    name = "asks_at_first_step"
+
+    def risk(self, features):
+        return float(features["step"] == 0)
+
+
+class MirrorTeacher:
+    """Answers what the SLM proposes (rank mode, its likeliest candidate): every call it makes changes nothing."""
+
+    kind = "mirror"
+
+    def __init__(self, slm):
+        self.slm = slm
+
+    def act(self, ctx, env):
+        return TeacherReply(self.slm.act([ctx])[0].action)
+
+
+class ContraryTeacher(MirrorTeacher):
+    """Answers a valid action other than the SLM's proposal: every call it makes changes the action."""
+
+    def act(self, ctx, env):
+        mine = self.slm.act([ctx])[0].action
+        return TeacherReply(next(a for a in ctx.observation.admissible if a != mine))
+
+
+def agent(slm, tw_cfg, router, teacher, budget=None, grace=0, carry=0):
     cfg = R2VConfig()
     cfg.env = tw_cfg
     router = make_router(router) if isinstance(router, str) else router
-    return RoutedAgent(slm, make_verifier(cfg), router, teacher, "logprob", budget, grace=grace)
+    return RoutedAgent(slm, make_verifier(cfg), router, teacher, "logprob", budget, grace=grace, carry=carry)
 
 
 def play(env_cfg, a, task, seed=0):
@@ -86,6 +115,35 @@ def test_grace_lets_the_slm_try_reversible_proposals_first(slm, tw_cfg, tw_tasks
     assert deferred_any  # the tiny SLM proposes moves: the rule above was exercised
     rows = play(tw_cfg, agent(slm, tw_cfg, "llm_only", OracleTeacher(), grace=2), tw_tasks[0])
     assert all(r["actor"] == "teacher" for r in rows)
+
+
+@pytest.mark.parametrize("llm_call, redundant, owed, after", [
+    (True, True, 0, 2),  # a call that changed nothing owes the next `carry` (2) steps one
+    (True, False, 0, 0),  # a call that changed the action settles the risk
+    (False, False, 2, 1),  # a carried step without a call (budget spent, teacher down) still uses one up
+    (True, True, 2, 1),  # a carried call that changed nothing too: the owed steps do not grow
+    (True, False, 2, 0),  # a carried call that changed the action ends the carry
+    (False, False, 0, 0),
+])
+def test_carry_after(llm_call, redundant, owed, after):
+    assert carry_after(llm_call, redundant, 2, owed) == after
+
+
+def test_a_call_that_changed_nothing_carries_the_escalation_to_the_next_steps(slm, tw_cfg, tw_tasks):
+    """`router.carry`: the router asks at step 0 only. When the teacher answers the SLM's own proposal, the
+    next `carry` steps go to the teacher too, at risk 0; when the teacher changes the action, nothing is carried;
+    a fixed reference never carries. (That a carried step is never deferred by grace: tests/test_serve.py.)"""
+    task = tw_tasks[-1]
+    for carry in (0, 2):
+        rows = play(tw_cfg, agent(slm, tw_cfg, AsksAtFirstStep(), MirrorTeacher(slm), carry=carry), task)
+        assert len(rows) > carry + 1  # the SLM (and its mirror) does not win this game in three steps
+        assert [r["actor"] for r in rows[:carry + 2]] == ["teacher"] * (carry + 1) + ["slm"], carry
+        assert all(r["risk"] == 0.0 for r in rows[1:])
+        assert sum(r["escalated"] for r in rows) == carry + 1
+    rows = play(tw_cfg, agent(slm, tw_cfg, AsksAtFirstStep(), ContraryTeacher(slm), carry=2), task)
+    assert rows[0]["actor"] == "teacher" and not any(r["escalated"] for r in rows[1:])
+    rows = play(tw_cfg, agent(slm, tw_cfg, "slm_only", MirrorTeacher(slm), carry=2), task)
+    assert not any(r["escalated"] for r in rows)
 
 
 def test_teacher_failure_degrades_to_the_slm(slm, tw_cfg, tw_tasks):

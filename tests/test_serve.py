@@ -1,8 +1,9 @@
 """The Serve app over real HTTP on 127.0.0.1: every endpoint, the official `openai` client, auth on/off,
 limits, session budgets, and a teacher (a fake OpenAI-compatible server) that answers 5xx.
 
-Serve starts once for the module with two apps: `open` at / (no auth, an always-escalating router so the
-teacher path is exercised on every routed step, session budget 2) and `secure` at /secure (bearer token).
+Serve starts once for the module with four apps: `open` at / (no auth, an always-escalating router so the
+teacher path is exercised on every routed step, session budget 2), `secure` at /secure (bearer token), and two
+routers that ask at every step with `router.grace` 1: `graced` at /graced and, with `router.carry` 1, `carried`.
 """
 from __future__ import annotations
 
@@ -115,6 +116,9 @@ def app(models_dir, tmp_path_factory):
     graced = serve_cfg(models_dir, llm.url, port, **{"serve.router": "entropy", "serve.threshold": -1.0,
                                                        "router.grace": 1})  # asks at every step; one deferral
     serve.run(build_app(graced), name="graced", route_prefix="/graced")
+    carried = serve_cfg(models_dir, llm.url, port, **{"serve.router": "entropy", "serve.threshold": -1.0,
+                                                        "router.grace": 1, "router.carry": 1})
+    serve.run(build_app(carried), name="carried", route_prefix="/carried")
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as client:
         yield {"client": client, "base": base, "llm": llm, "port": port}
@@ -239,6 +243,22 @@ def test_session_grace_defers_one_reversible_escalation(client):
     assert outs[2]["session"]["deferrals"] == 1 and outs[2]["session"]["llm_calls"] == 2
     out = client.post("/graced/v1/act", json=act_body(admissible=reversible)).json()
     assert out["deferred"] is False and out["actor"] == "teacher"
+
+
+def test_session_carries_a_call_that_changed_nothing_past_grace(client):
+    """router.carry=1 (and grace 1): the teacher (first valid action) answers the SLM's only candidate, so the
+    call changed nothing and the next step goes to the teacher although grace would have deferred its move; the
+    step after that is judged afresh and its move is deferred."""
+    sid = client.post("/carried/v1/sessions", json={"goal": GOAL}).json()["session_id"]
+    outs = []
+    for admissible in (["take key"], ["go north", "look"], ["go north", "look"]):
+        r = client.post(f"/carried/v1/sessions/{sid}/step", json={"observation": "A room.", "admissible": admissible})
+        assert r.status_code == 200, r.text
+        outs.append(r.json())
+    assert (outs[0]["redundant"], outs[0]["carried"], outs[0]["actor"]) == (True, False, "teacher")
+    assert (outs[1]["carried"], outs[1]["deferred"], outs[1]["actor"]) == (True, False, "teacher")
+    assert (outs[2]["carried"], outs[2]["deferred"], outs[2]["actor"]) == (False, True, "slm")
+    assert outs[2]["session"]["llm_calls"] == 2 and outs[2]["session"]["deferrals"] == 1
 
 
 def test_openai_client_chat_completions(app):

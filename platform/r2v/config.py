@@ -310,6 +310,10 @@ class RouterConfig:
     # fixed references (SLM/LLM alone, the oracles) never defer. A budget it keeps from being spent is played
     # without it (r2v.rollout.live_budget.search_spending_grace). 0 = escalate whenever the router asks
     grace: int = 0
+    # carry: an LLM call that changed nothing (the teacher chose the SLM's own proposal) leaves the risk that asked
+    # for it: the next `carry` steps escalate whatever their risk, until a call changes the action
+    # (r2v.policies.routed.carry_after). 0 = every step is judged by its own risk alone
+    carry: int = 0
     kappa: float = 2.0  # failure cost in Bayes rule τ* = (c_LLM − c_SLM)/κ
     fit_split: str = "train"  # train | val: val fits the router on tasks the SLM never trained on
     fit_fraction: float = 0.6  # with fit_split=val: share of val tasks fitted on; the rest calibrates
@@ -726,6 +730,9 @@ def validate(cfg: R2VConfig) -> None:
                           f"{cfg.serve.pace_memory} >= pace_every (or pace_budget=null: τ stays fixed)")
     if not 0 < cfg.router.alpha <= 1:
         raise ConfigError(f"`router.alpha` = {cfg.router.alpha} must be in (0, 1]")
+    if cfg.router.carry < 0:
+        raise ConfigError(f"`router.carry` = {cfg.router.carry}: the steps a call that changed nothing escalates, an "
+                          f"integer >= 0 (0 = off)")
     if cfg.router.grace < 0:
         raise ConfigError(f"`router.grace` = {cfg.router.grace}: the deferrals allowed per episode, an integer >= 0 "
                           f"(0 = escalate whenever the router asks)")

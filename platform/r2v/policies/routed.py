@@ -14,7 +14,11 @@ step means, for both:
 - `deferred`: the router asked, but the proposal is one the agent can take back on its own (a move, a look, a
   read-only command: `reversible_action`) and the episode still had grace (`router.grace`): the SLM's proposal is
   executed and the router judges the next step afresh. A wrong move then costs steps, not an LLM call, unless
-  the SLM does not find its way back; an irreversible proposal is never deferred.
+  the SLM does not find its way back; an irreversible proposal is never deferred;
+- `redundant`: an LLM call whose action is the SLM's own proposal. It changed nothing, so the risk that asked
+  for it is still there: with `router.carry` = n the next n steps are `carried`, escalated whatever their risk
+  (no grace: the SLM just had its try), until a call changes the action (`carry_after`). In a loop the router
+  often flags the step the SLM gets right; the carried call lands on the step it gets wrong.
 
 The teacher's action is executed for real at an escalated step; whether the episode succeeds is only ever
 what the environment says.
@@ -27,7 +31,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Optional
 from r2v.envs.base import Env, Task
 from r2v.policies.base import Decision, StepContext
 from r2v.router.baselines import HINDSIGHT_KEY, ORACLE_KEY, STEP_KEY, Router, step_key
-from r2v.router.features import FeatureTracker, features_by_name
+from r2v.router.features import FeatureTracker, features_by_name, normalise_action
 from r2v.verifier.rules import reversible_action
 
 
@@ -80,6 +84,8 @@ class RoutedStep:
     router: str
     budget_exhausted: bool = False
     deferred: bool = False  # the router asked, the proposal was reversible and grace was left: no call
+    carried: bool = False  # escalated because an earlier call changed nothing (`router.carry`), whatever the risk
+    redundant: bool = False  # an LLM call whose action is the SLM's own proposal
 
     @property
     def llm_call(self) -> bool:
@@ -88,10 +94,11 @@ class RoutedStep:
 
 
 async def routed_step(ctx: StepContext, calls: StepCalls, tracker: FeatureTracker, select: str,
-                      budget_left: int | None, grace_left: int = 0) -> RoutedStep:
+                      budget_left: int | None, grace_left: int = 0, carried: bool = False) -> RoutedStep:
     """Decide one step (module docstring). `budget_left` None = unlimited; `grace_left`: deferrals the episode
-    may still make. The caller updates `tracker` with the executed action afterwards and counts `llm_call`
-    against its budget and `deferred` against its grace."""
+    may still make; `carried`: an earlier call changed nothing, so this step escalates whatever its risk. The
+    caller updates `tracker` with the executed action afterwards, counts `llm_call` against its budget and
+    `deferred` against its grace, and carries on with `carry_after`."""
     d = await calls.slm(ctx)
     if calls.verify is not None and d.candidates:
         scores = await calls.verify(ctx, [c.text for c in d.candidates])
@@ -101,10 +108,10 @@ async def routed_step(ctx: StepContext, calls: StepCalls, tracker: FeatureTracke
     d.features = tracker.features(ctx, d)
     r = await calls.route(features_by_name(d.features), d.action)
     d.risk = r.risk
-    step = RoutedStep(d, r.threshold, r.router)
-    if not r.escalate or calls.teacher is None:
+    step = RoutedStep(d, r.threshold, r.router, carried=carried)
+    if not (r.escalate or carried) or calls.teacher is None:
         return step
-    if grace_left > 0 and reversible_action(ctx.task.env, d.action):
+    if grace_left > 0 and not carried and reversible_action(ctx.task.env, d.action):
         step.deferred = True
         return step
     if budget_left is not None and budget_left <= 0:
@@ -118,6 +125,7 @@ async def routed_step(ctx: StepContext, calls: StepCalls, tracker: FeatureTracke
         action, tokens, error = None, 0, f"{type(e).__name__}: {str(e)[:200]}"
     d.teacher_tokens = tokens
     if action:
+        step.redundant = normalise_action(action) == normalise_action(d.action)
         d.action, d.actor = action, "teacher"
     else:
         d.escalation_error = error or "teacher returned no action"
@@ -151,18 +159,36 @@ def grace_for(router: Router, grace: int) -> int:
     return int(grace if router.grace is None else router.grace)
 
 
+def carry_for(router: Router, carry: int) -> int:
+    """The steps a call that changed nothing carries its escalation to (`router.carry`); none for the fixed
+    references, whose rule is the whole method."""
+    return 0 if router.fixed else int(carry)
+
+
+def carry_after(llm_call: bool, redundant: bool, carry: int, owed: int) -> int:
+    """The escalations still owed after a step (`owed` before it): a call that changed the action settles the
+    risk; a call that changed nothing owes the next `carry` steps one; a carried step uses one up."""
+    if llm_call and not redundant:
+        return 0
+    if owed:
+        return owed - 1
+    return carry if llm_call else 0
+
+
 class RoutedAgent:
     """One episode at a time: call `reset` at the start (run_episode does) and `observe` after each step.
     `lookahead` (r2v.rollout.episode.Lookahead) is only for the hindsight router; `grace` (`router.grace`)
-    deferrals per episode (`grace_for`)."""
+    deferrals per episode (`grace_for`); `carry` (`router.carry`) steps a call that changed nothing escalates."""
 
     def __init__(self, slm, verifier, router: Router, teacher, select: str = "verifier",
-                 budget_per_episode: int | None = None, name: str | None = None, lookahead=None, grace: int = 0):
+                 budget_per_episode: int | None = None, name: str | None = None, lookahead=None, grace: int = 0,
+                 carry: int = 0):
         self.slm, self.verifier, self.router, self.teacher = slm, verifier, router, teacher
         self.select = select
         self.budget = budget_per_episode
         self.grace = grace_for(router, grace)
-        self.deferrals = 0
+        self.carry = carry_for(router, carry)
+        self.deferrals = self.owed = 0
         self.name = name or f"routed:{router.name}"
         self.lookahead = lookahead
         if router.needs_lookahead and lookahead is None:
@@ -175,7 +201,7 @@ class RoutedAgent:
     def reset(self, task: Task) -> None:
         self.tracker = FeatureTracker()
         self.router.reset()
-        self.calls = self.deferrals = 0
+        self.calls = self.deferrals = self.owed = 0
         self.task, self.executed = task, []
 
     def observe(self, action: str, info: dict) -> None:
@@ -200,9 +226,11 @@ class RoutedAgent:
             teacher=_call(lambda c: self.teacher.act(c, env)) if self.teacher is not None else None,
         )
         budget_left = None if self.budget is None else self.budget - self.calls
-        step = run_sync(routed_step(ctx, calls, self.tracker, self.select, budget_left, self.grace - self.deferrals))
+        step = run_sync(routed_step(ctx, calls, self.tracker, self.select, budget_left, self.grace - self.deferrals,
+                                    carried=self.owed > 0))
         self.calls += int(step.llm_call)
         self.deferrals += int(step.deferred)
+        self.owed = carry_after(step.llm_call, step.redundant, self.carry, self.owed)
         return step.decision
 
     def _teacher_would_change(self, ctx: StepContext, env: Env | None, action: str) -> bool:
@@ -213,5 +241,5 @@ class RoutedAgent:
         return self.teacher.act(ctx, env).action != action
 
 
-__all__ = ["propose", "route", "Route", "StepCalls", "RoutedStep", "routed_step", "run_sync", "grace_for",
-           "RoutedAgent"]
+__all__ = ["propose", "route", "Route", "StepCalls", "RoutedStep", "routed_step", "run_sync", "grace_for", "carry_for",
+           "carry_after", "RoutedAgent"]

@@ -66,7 +66,7 @@ class RoutedAgentFactory:
             env_cfg = self.env_cfg or cfg.env
             lookahead = Lookahead(make_env(env_cfg), alone, env_cfg.max_steps, cfg.policy.history_steps)
         return RoutedAgent(slm, verifier, self.router, teacher, cfg.policy.select, self.budget, self.name, lookahead,
-                           grace=cfg.router.grace)
+                           grace=cfg.router.grace, carry=cfg.router.carry)
 
 
 def branch_picks(cfg: R2VConfig, episode_id: str, length: int) -> list[int]:

@@ -45,8 +45,11 @@ def collection_inputs(cfg: R2VConfig, sections: tuple[str, ...], models: tuple[s
 
 def routed_inputs(cfg: R2VConfig, model_dir: str) -> dict[str, Any]:
     """What routed episodes depend on besides their router and τ (both in the policy name): the SLM that plays,
-    the env, the verifier, the teacher, and the grace every thresholded router gets (`router.grace`)."""
-    return collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,), grace=cfg.router.grace)
+    the env, the verifier, the teacher, and the grace and carry every thresholded router gets (`router.grace`,
+    `router.carry`; carry only when set, so episodes played before it existed stay valid)."""
+    carry = {"carry": cfg.router.carry} if cfg.router.carry else {}
+    return collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,), grace=cfg.router.grace,
+                             **carry)
 
 
 def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | None = None,

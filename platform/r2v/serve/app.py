@@ -300,23 +300,24 @@ class Ingress:
                          teacher=lambda c: self.teacher.act.remote(c))
 
     async def _decide(self, ctx, mode: str, tracker, budget_left: int | None, endpoint: str,
-                      grace_left: int = 0) -> dict[str, Any]:
+                      grace_left: int = 0, carried: bool = False) -> dict[str, Any]:
         """`routed`: r2v.policies.routed.routed_step (the same step eval runs); `slm`: the SLM's likeliest
-        candidate alone. Returns the response fields (`escalated`, `deferred` as defined in r2v.policies.routed).
-        Only a session remembers its episode's deferrals, so only a session step gets grace (`grace_left`)."""
+        candidate alone. Returns the response fields (`escalated`, `deferred`, `carried`, `redundant` as defined
+        in r2v.policies.routed). Only a session remembers its episode, so only a session step gets grace
+        (`grace_left`) and carried escalations (`carried`)."""
         from r2v.policies.routed import routed_step
 
         t0 = time.perf_counter()
         out: dict[str, Any] = {"risk": None, "threshold": None, "router": None, "escalated": False,
                                "escalation_error": None, "budget_exhausted": False, "deferred": False,
-                               "llm_call": False}
+                               "carried": False, "redundant": False, "llm_call": False}
         if mode == "routed":
             step = await routed_step(ctx, self._step_calls(ctx, out), tracker, self.s["select"], budget_left,
-                                     grace_left)
+                                     grace_left, carried)
             d = step.decision
             out.update(threshold=step.threshold if math.isfinite(step.threshold) else None,  # JSON has no inf
                        router=step.router, budget_exhausted=step.budget_exhausted, deferred=step.deferred,
-                       llm_call=step.llm_call)
+                       carried=step.carried, redundant=step.redundant, llm_call=step.llm_call)
             if d.escalated:
                 self.counts["escalations"] += 1
                 self.m_escalations.inc(tags={"endpoint": endpoint})
@@ -374,6 +375,7 @@ class Ingress:
 
     @api.post("/v1/sessions/{session_id}/step")
     async def session_step(self, session_id: str, request: Request) -> dict[str, Any]:
+        from r2v.policies.routed import carry_after
         from r2v.serve.protocol import SessionStep, make_context
 
         req = await self._body(request, SessionStep)
@@ -390,11 +392,12 @@ class Ingress:
             ctx = make_context(state.goal, req.observation, req.admissible, list(state.history), state.step,
                                state.max_steps, self.s["env_name"], state.task_id, info, req.observation_truncated)
             out = await self._decide(ctx, req.mode, state.tracker, state.budget_left, "session",
-                                     max(0, int(self.s["grace"]) - state.deferrals))
+                                     max(0, int(self.s["grace"]) - state.deferrals), state.owed > 0)
             state.step += 1
             state.pending_action = out["action"]
             state.llm_calls += int(out["llm_call"])
             state.deferrals += int(out["deferred"])
+            state.owed = carry_after(out["llm_call"], out["redundant"], int(self.s["carry"]), state.owed)
             state.teacher_errors += int(out["escalation_error"] is not None)
             state.teacher_tokens += out["teacher_tokens"]
             state.cost += self.s["cost_slm"] + (self.s["cost_llm"] if out["llm_call"] else 0.0)
@@ -544,7 +547,7 @@ def build_app(cfg: R2VConfig, models_dir: str | Path | None = None):
     """The Serve application (not yet running). Fails fast, in the caller, on a missing SLM, an unservable
     router, a bad threshold file, pacing a router without a threshold, bad deployment options or an unset auth
     token."""
-    from r2v.policies.routed import grace_for
+    from r2v.policies.routed import carry_for, grace_for
     from r2v.serve.components import load_serving_router, serving_pacer, slm_path
 
     models_dir = str(models_dir or cfg.serve.models_dir)
@@ -561,7 +564,8 @@ def build_app(cfg: R2VConfig, models_dir: str | Path | None = None):
         "speculative_verify": cfg.serve.speculative_verify and cfg.policy.mode == "rank",
         "replica_retries": cfg.serve.replica_retries,
         "router": router.name, "threshold": float(router.threshold), "router_source": source,
-        "grace": grace_for(router, cfg.router.grace), "paced": cfg.serve.pace_budget is not None,
+        "grace": grace_for(router, cfg.router.grace), "carry": carry_for(router, cfg.router.carry),
+        "paced": cfg.serve.pace_budget is not None,
         "cost_slm": cfg.router.cost_slm, "cost_llm": cfg.router.cost_llm,
         "cost_per_1k_tokens": cfg.teacher.cost_per_1k_tokens, "created": int(time.time()), "slm_path": path,
     }

@@ -29,6 +29,7 @@ class SessionState:
     tracker: FeatureTracker = field(default_factory=FeatureTracker)
     llm_calls: int = 0
     deferrals: int = 0  # router escalations this session let the SLM try first (`router.grace`)
+    owed: int = 0  # escalations a call that changed nothing carries to the next steps (`router.carry`)
     teacher_tokens: int = 0
     teacher_errors: int = 0
     cost: float = 0.0  # router cost units: c_slm per step + c_llm per LLM call (router.cost_*)
