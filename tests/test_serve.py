@@ -117,7 +117,8 @@ def app(models_dir, tmp_path_factory):
                                                        "router.grace": 1})  # asks at every step; one deferral
     serve.run(build_app(graced), name="graced", route_prefix="/graced")
     carried = serve_cfg(models_dir, llm.url, port, **{"serve.router": "entropy", "serve.threshold": -1.0,
-                                                        "router.grace": 1, "router.carry": 1})
+                                                        "router.grace": 1, "router.carry": 1,
+                                                        "serve.num_cpus_per_replica": 0.02})  # 2 CPUs hold 4 apps
     serve.run(build_app(carried), name="carried", route_prefix="/carried")
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=60) as client:
