@@ -66,10 +66,13 @@ def test_killed_env_actor_loses_and_duplicates_nothing(ray_local, cfg, tw_tasks,
     victim = []
 
     def killer(workers):
+        # Ask the pid before any episode is queued: asked later, the call waits behind the worker's episodes,
+        # and on a loaded machine the whole collection could end before the kill lands.
+        victim.append(ray_local.get(workers[0].pid.remote()))
+
         def run():
-            while len(store.files()) < 3:
+            while not store.files():
                 time.sleep(0.01)
-            victim.append(ray_local.get(workers[0].pid.remote()))
             ray_local.kill(workers[0], no_restart=False)  # dies mid-collection; Ray restarts it
             killed.set()
 
