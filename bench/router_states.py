@@ -37,11 +37,9 @@ STATES = {"hindsight": "the hindsight oracle's", "slm": "the SLM's", "routed": "
 
 def play_hindsight(cfg, episodes_dir: Path):
     """The hindsight oracle's episodes on the val games under router.rollout_seeds (resumable shards)."""
-    import ray
-
     from r2v.data import ShardStore
     from r2v.experiment import Experiment
-    from r2v.policies.slm import start_slm_server
+    from r2v.policies.slm import collection_slm
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
@@ -51,13 +49,10 @@ def play_hindsight(cfg, episodes_dir: Path):
     init_ray(cfg)
     model_dir = str(Experiment(cfg).deployed_policy_dir())
     units = plan_units(tasks_by_split(cfg, ["val"]), list(cfg.router.rollout_seeds), 1, "routed-hindsight")
-    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
-    try:
+    with collection_slm(cfg, model_dir) as server:
         factory = RoutedAgentFactory(model_dir, server, make_router("hindsight"), name="routed-hindsight")
         collect(cfg, units, factory, episodes_dir,
                 inputs=collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,)))
-    finally:
-        ray.kill(server)
     return of_units(ShardStore(episodes_dir, "steps").read_pandas(), units)
 
 

@@ -102,6 +102,7 @@ def test_config_hash_tracks_only_named_sections():
         ("router.calibration=plat", r"`router\.calibration` = 'plat'.*did you mean: platt\?"),
         ("policy.select=logprobs", r"`policy\.select` = 'logprobs'.*did you mean: logprob\?"),
         ("teacher.kind=openia", r"`teacher\.kind` = 'openia'.*did you mean: openai\?"),
+        ("ray.slm_server=per-worker", r"`ray\.slm_server` = 'per-worker'.*did you mean: per_worker\?"),
         ("model.dtype=float61", r"`model\.dtype` = 'float61'.*did you mean: float16\?"),
         ("bc.lr_schedule=linera", r"`bc\.lr_schedule` = 'linera'.*did you mean: linear\?"),
         ("dpo.trainer=trll", r"`dpo\.trainer` = 'trll' is not one of \['r2v', 'trl'\].*did you mean: trl\?"),

@@ -188,3 +188,35 @@ def test_batch_invariant_scores_do_not_depend_on_company(tiny_dir, tw_cfg, tw_ta
     assert numbers(invariant, ctxs) == alone
     assert numbers(invariant, ctxs[::-1]) == alone[::-1]
     assert numbers(invariant, ctxs[1:3]) == alone[1:3]
+
+
+@pytest.mark.ray
+def test_collection_slm_copies_the_model_per_worker_on_cpu_or_shares_one_actor_with_the_same_episodes(
+        ray_local, tiny_dir, tw_cfg, tw_tasks, tmp_path):
+    """`ray.slm_server`: "auto" without a GPU gives each env worker its own copy (no actor); "shared" serves every
+    worker from one actor, gone once the collection ends. With `policy.batch_invariant` (the quickstarts'), both play
+    the same episodes to the last bit of every score: the actor's company in a batch changes nothing."""
+    import copy
+
+    from r2v.config import R2VConfig
+    from r2v.data import ShardStore
+    from r2v.policies.slm import SLMAgentFactory, collection_slm
+    from r2v.rollout.engine import collect, plan_units
+
+    cfg = R2VConfig(experiment="slm-placement", runs_dir=str(tmp_path))
+    cfg.env, cfg.tracking.enabled, cfg.collect.cpus_per_worker = copy.deepcopy(tw_cfg), False, 0.5
+    cfg.model.max_context_tokens, cfg.policy.batch_invariant = 256, True
+    units = plan_units({"val": tw_tasks[:3]}, [0, 1], 1, "slm")
+    columns = ["episode_id", "step", "action", "entropy", "candidates", "episode_success"]
+    played = {}
+    for mode in ("auto", "shared"):
+        cfg.ray.slm_server = mode
+        with collection_slm(cfg, str(tiny_dir)) as server:
+            assert (server is None) == (mode == "auto")
+            collect(cfg, units, SLMAgentFactory(str(tiny_dir), server), tmp_path / mode, progress=False)
+        played[mode] = ShardStore(tmp_path / mode, "steps").read_pandas(columns).sort_values(["episode_id", "step"])
+    auto, shared = (played[m].reset_index(drop=True) for m in ("auto", "shared"))
+    assert len(auto) >= len(units)
+    assert auto.to_json(double_precision=15) == shared.to_json(double_precision=15)
+    with pytest.raises(ray_local.exceptions.RayActorError):
+        ray_local.get(server.act.remote([]), timeout=60)

@@ -170,6 +170,10 @@ class RayConfig:
     address: Optional[str] = None  # None: embedded ray.init(); "auto" or ray://host:port on a cluster
     num_cpus: Optional[int] = None
     runtime_env: dict[str, Any] = field(default_factory=dict)
+    # the SLM of a collection's env workers: "shared" (one actor batches every worker's states), "per_worker" (each
+    # loads its own copy) or "auto" (shared when the model goes on a GPU, per_worker on CPU). Where the SLM runs,
+    # not what it computes: no stage reads this section, so changing it re-runs nothing
+    slm_server: str = "auto"
 
 
 @dataclass
@@ -657,6 +661,7 @@ def validate(cfg: R2VConfig) -> None:
         "policy.mode": (cfg.policy.mode, ("rank", "generate")),
         "policy.select": (cfg.policy.select, ("verifier", "logprob")),
         "teacher.kind": (cfg.teacher.kind, ("oracle", "openai", "hf")),
+        "ray.slm_server": (cfg.ray.slm_server, ("auto", "shared", "per_worker")),
         "collect.policy": (cfg.collect.policy, ("teacher", "slm", "routed")),
         "collect.split": (cfg.collect.split, SPLITS),
         "bc.lr_schedule": (cfg.bc.lr_schedule, LR_SCHEDULES),

@@ -215,10 +215,8 @@ def play_paced(cfg: R2VConfig, paced: dict[str, tuple[Router, float]], tasks: li
 def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str, Any]:
     """Play every method live on `eval.split` and write the per-method summary (default
     runs/<exp>/eval/summary.json; `make bench` writes its wider router matrix elsewhere)."""
-    import ray
-
     from r2v.eval.metrics import split_method, summarise_method
-    from r2v.policies.slm import start_slm_server
+    from r2v.policies.slm import collection_slm
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.live_budget import routing_name
@@ -232,31 +230,30 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
     if not tasks[cfg.eval.split]:
         raise R2VError(f"split `{cfg.eval.split}` has no tasks; add tasks or change env.split_fractions")
     model_dir = str(exp.deployed_policy_dir())
-    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
     paced = {name: (router, split_method(name)[1]) for name, router in routers.items()
              if split_method(name)[0].endswith(PACED)}
-    factories, units, policy_of = {}, [], {}
-    for name, router in routers.items():
-        if name in paced:
-            continue
-        # methods that route identically (same router, same τ: e.g. `r2v` and `r2v@<router.budget>`) share episodes
-        policy = policy_of[name] = "routed-" + routing_name(router, router.threshold)
-        if policy not in factories:
-            factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
-            units += plan_units(tasks, list(cfg.eval.perturbation_seeds), 1, policy)
-    bench, bench_policy = cfg.eval.benchmark, {}
-    if bench.enabled:  # the same routers and τ on the real tasks, in their own env variant and policy names
-        env_cfg, bench_tasks = benchmark_env(cfg), {BENCHMARK_SPLIT: benchmark_tasks(cfg)}
-        for name in bench.methods:
-            policy = bench_policy[name] = "bench-" + policy_of[name]
+    with collection_slm(cfg, model_dir) as server:
+        factories, units, policy_of = {}, [], {}
+        for name, router in routers.items():
+            if name in paced:
+                continue
+            # methods that route identically (same router and τ: `r2v` and `r2v@<router.budget>`) share episodes
+            policy = policy_of[name] = "routed-" + routing_name(router, router.threshold)
             if policy not in factories:
-                factories[policy] = RoutedAgentFactory(model_dir, server, routers[name], with_teacher=True,
-                                                       name=policy, env_cfg=env_cfg)
-                units += plan_units(bench_tasks, list(bench.perturbation_seeds), 1, policy)
-    print(f"[eval] {len(routers)} methods x {len(tasks[cfg.eval.split]) * len(cfg.eval.perturbation_seeds)} live "
-          f"episodes each; {len(factories)} distinct routings, {len(units)} episodes in all"
-          + (f" (benchmark: {', '.join(bench_policy)} on {benchmark_name(cfg)})" if bench_policy else ""))
-    try:
+                factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
+                units += plan_units(tasks, list(cfg.eval.perturbation_seeds), 1, policy)
+        bench, bench_policy = cfg.eval.benchmark, {}
+        if bench.enabled:  # the same routers and τ on the real tasks, in their own env variant and policy names
+            env_cfg, bench_tasks = benchmark_env(cfg), {BENCHMARK_SPLIT: benchmark_tasks(cfg)}
+            for name in bench.methods:
+                policy = bench_policy[name] = "bench-" + policy_of[name]
+                if policy not in factories:
+                    factories[policy] = RoutedAgentFactory(model_dir, server, routers[name], with_teacher=True,
+                                                           name=policy, env_cfg=env_cfg)
+                    units += plan_units(bench_tasks, list(bench.perturbation_seeds), 1, policy)
+        print(f"[eval] {len(routers)} methods x {len(tasks[cfg.eval.split]) * len(cfg.eval.perturbation_seeds)} live "
+              f"episodes each; {len(factories)} distinct routings, {len(units)} episodes in all"
+              + (f" (benchmark: {', '.join(bench_policy)} on {benchmark_name(cfg)})" if bench_policy else ""))
         # a routing's episodes depend on its router and τ (in the policy name) and on these: changing eval.budgets
         # or retraining the router keeps every episode of routings that did not change
         inputs = routed_inputs(cfg, model_dir)
@@ -272,8 +269,6 @@ def run_eval(cfg: R2VConfig, summary_path: str | Path | None = None) -> dict[str
                                      keys=sorted({u.key for u in wave}))
 
         paced_runs = play_paced(cfg, paced, tasks[cfg.eval.split], play) if paced else {}
-    finally:
-        ray.kill(server)
     # this eval's episodes only: the folder also keeps other routings' (e.g. `make bench`'s router matrix)
     played = {u.key for u in units} | {u.key for run in paced_runs.values() for u in run["units"]}
     df = store.read_pandas(keys=sorted(played))

@@ -167,9 +167,7 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     success at τ, probes; `grace`: 0 where the budget was only spendable without `router.grace`, and then the
     router is set to it too).
     `p_offline` holds each router's risks on the SLM-only calibration steps (the search's starting point)."""
-    import ray
-
-    from r2v.policies.slm import start_slm_server
+    from r2v.policies.slm import collection_slm
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
@@ -187,7 +185,6 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
     model_dir = str(Experiment(cfg).deployed_policy_dir())
     out_dir = probes_dir(cfg)
     inputs = routed_inputs(cfg, model_dir)
-    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
 
     success: dict[tuple, float] = {}  # (name, τ, grace) -> the probe's episode success on the val games
 
@@ -217,10 +214,8 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
                          np.concatenate(risks) if risks else np.zeros(0))
         return out
 
-    try:
+    with collection_slm(cfg, model_dir) as server:
         found = search_spending_grace(p_offline, budgets, measure, routers, cfg.router.grace, cfg.router.budget_rounds)
-    finally:
-        ray.kill(server)
     for name, rec in found.items():
         rec["success"] = success[(name, rec["tau"], rec.get("grace"))]
         routers[name].threshold, routers[name].strict = rec["tau"], False

@@ -65,11 +65,12 @@ class PairProbeFactory:
         self.model_dir, self.server, self.states = model_dir, server, states
 
     def __call__(self, cfg: R2VConfig) -> PairProbeAgent:
-        from r2v.policies.slm import RemoteSLM
+        from r2v.policies.slm import slm_in_worker
         from r2v.policies.teachers import make_teacher
         from r2v.verifier import make_verifier
 
-        return PairProbeAgent(RemoteSLM(self.server), make_verifier(cfg), make_teacher(cfg), self.states)
+        return PairProbeAgent(slm_in_worker(self.server, self.model_dir, cfg), make_verifier(cfg), make_teacher(cfg),
+                              self.states)
 
 
 def teacher_action(row: dict[str, Any]) -> str | None:
@@ -164,9 +165,7 @@ def pairs_from_probes(cfg: R2VConfig, probes) -> list[dict[str, Any]]:
 
 
 def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
-    import ray
-
-    from r2v.policies.slm import start_slm_server
+    from r2v.policies.slm import collection_slm
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.stage import collection_inputs, tasks_by_split
@@ -177,13 +176,10 @@ def run_build_pairs(cfg: R2VConfig) -> dict[str, Any]:
     model_dir = str(bc_dir) if is_model_dir(bc_dir) else str(exp.deployed_policy_dir())
     tasks, kinds = tasks_by_split(cfg, ["train", "val"]), probe_policies(cfg.dpo.pair_states)
     units = [u for policy in kinds for u in plan_units(tasks, list(cfg.dpo.perturbation_seeds), 1, policy)]
-    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
-    try:
+    with collection_slm(cfg, model_dir) as server:
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
         factories = {policy: PairProbeFactory(model_dir, server, states) for policy, states in kinds.items()}
         summary = collect(cfg, units, factories, exp.pair_probes, inputs=inputs)
-    finally:
-        ray.kill(server)
     probes = of_units(ShardStore(exp.pair_probes, "steps").read_pandas(), units)
     pairs = pairs_from_probes(cfg, probes)
     store = ShardStore(exp.pairs, "pairs")

@@ -38,7 +38,7 @@ SPLITS = ["train", "val", "test"]
 
 
 class RoutedAgentFactory:
-    """Builds a RoutedAgent inside an env worker (SLM over the shared model actor, verifier, router,
+    """Builds a RoutedAgent inside an env worker (SLM: the collection's server or its own copy; verifier, router,
     teacher), so one picklable object describes a policy to any number of workers."""
 
     def __init__(self, model_dir: str, server, router, with_teacher: bool = True,
@@ -49,11 +49,11 @@ class RoutedAgentFactory:
 
     def __call__(self, cfg: R2VConfig):
         from r2v.policies.routed import RoutedAgent
-        from r2v.policies.slm import RemoteSLM, SLMPolicy
+        from r2v.policies.slm import slm_in_worker
         from r2v.policies.teachers import make_teacher
         from r2v.verifier import make_verifier
 
-        slm = RemoteSLM(self.server) if self.server is not None else SLMPolicy(self.model_dir, cfg.model, cfg.policy)
+        slm = slm_in_worker(self.server, self.model_dir, cfg)
         teacher = make_teacher(cfg) if self.with_teacher else None
         verifier = make_verifier(cfg)
         lookahead = None
@@ -136,10 +136,8 @@ def label_rows(cfg: R2VConfig, steps_df, branches_df) -> list[dict[str, Any]]:
 
 
 def run_collect_router(cfg: R2VConfig) -> dict[str, Any]:
-    import ray
-
     from r2v.envs.registry import load_tasks
-    from r2v.policies.slm import start_slm_server
+    from r2v.policies.slm import collection_slm
     from r2v.ray_utils import init_ray
     from r2v.router.baselines import make_router
 
@@ -148,9 +146,8 @@ def run_collect_router(cfg: R2VConfig) -> dict[str, Any]:
     model_dir = str(exp.deployed_policy_dir())
     splits = [s for s in SPLITS if s in {cfg.router.fit_split, "val", "test"}]  # train rows only when fitted on
     tasks = tasks_by_split(cfg, splits)
-    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
-    factory = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False, name="slm")
-    try:
+    with collection_slm(cfg, model_dir) as server:
+        factory = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False, name="slm")
         units = plan_units(tasks, list(cfg.router.rollout_seeds), 1, "slm")
         inputs = collection_inputs(cfg, ("env", "policy", "verifier"), (model_dir,), features=FEATURE_VERSION)
         slm_summary = collect(cfg, units, factory, exp.slm_router_rollouts, inputs=inputs)
@@ -160,8 +157,6 @@ def run_collect_router(cfg: R2VConfig) -> dict[str, Any]:
         inputs = collection_inputs(cfg, ("env", "policy", "verifier", "teacher"), (model_dir,))
         branch_summary = (collect(cfg, branches, factory, exp.branches, inputs=inputs) if branches
                           else {"episodes_run": 0})
-    finally:
-        ray.kill(server)
     branches_df = ShardStore(exp.branches, "steps").read_pandas()
     store = ShardStore(exp.router_rows, "router_rows")
     summary: dict[str, Any] = {"model": model_dir, "slm_episodes": slm_summary["episodes_requested"],

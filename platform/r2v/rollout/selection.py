@@ -49,10 +49,8 @@ def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[
     at `model_dir` acting alone, all on one pool of env workers and one SLM actor; one row per episode
     (condition, task_id, perturbation_seed, episode_id, episode_success). Episodes are shards under `out_dir`
     tied to the model and config, so a re-run resumes and a retrained model starts afresh."""
-    import ray
-
     from r2v.data import ShardStore
-    from r2v.policies.slm import start_slm_server
+    from r2v.policies.slm import collection_slm
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, of_units, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
@@ -61,18 +59,15 @@ def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[
 
     init_ray(cfg)
     model_dir = str(model_dir)
-    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
-    factories, units = {}, []
-    for condition, seeds in plays.items():
-        policy = f"slm-{condition}"
-        factories[policy] = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False,
-                                               name="slm", env_cfg=condition_config(cfg, condition).env)
-        units += plan_units(tasks, list(seeds), 1, policy)
-    try:
+    with collection_slm(cfg, model_dir) as server:
+        factories, units = {}, []
+        for condition, seeds in plays.items():
+            policy = f"slm-{condition}"
+            factories[policy] = RoutedAgentFactory(model_dir, server, make_router("slm_only"), with_teacher=False,
+                                                   name="slm", env_cfg=condition_config(cfg, condition).env)
+            units += plan_units(tasks, list(seeds), 1, policy)
         collect(cfg, units, factories, out_dir, progress=progress,
                 inputs=collection_inputs(cfg, ("env", "policy", "verifier", "model"), (model_dir,)))
-    finally:
-        ray.kill(server)
     steps = of_units(ShardStore(out_dir, "steps").read_pandas(columns=["policy", *EPISODE_COLUMNS]), units)
     episodes = steps.groupby("episode_id", as_index=False).first()  # only what was asked
     return episodes.assign(condition=episodes.pop("policy").str.removeprefix("slm-"))

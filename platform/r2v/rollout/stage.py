@@ -55,9 +55,7 @@ def routed_inputs(cfg: R2VConfig, model_dir: str) -> dict[str, Any]:
 def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | None = None,
                 seeds: list[int] | None = None, model_dir: str | None = None) -> dict[str, Any]:
     """Collect `policy` episodes (teacher | slm) on the given splits under the given perturbation seeds.
-    The SLM is served by one batched model actor shared by all env workers."""
-    import ray
-
+    The SLM runs where `ray.slm_server` puts it (`collection_slm`)."""
     from r2v.ray_utils import init_ray
 
     policy = policy or cfg.collect.policy
@@ -68,16 +66,13 @@ def run_collect(cfg: R2VConfig, policy: str | None = None, splits: list[str] | N
         inputs = collection_inputs(cfg, ("env", "teacher"), epsilon=cfg.collect.teacher_epsilon)
         return collect(cfg, units, teacher_agent, Experiment(cfg).rollouts(policy), inputs=inputs)
     if policy == "slm":
-        from r2v.policies.slm import SLMAgentFactory, start_slm_server
+        from r2v.policies.slm import SLMAgentFactory, collection_slm
 
         init_ray(cfg)
         path = model_dir or str(Experiment(cfg).deployed_policy_dir())
-        server = start_slm_server(cfg, path, cfg.collect.num_workers)
-        try:
+        with collection_slm(cfg, path) as server:
             summary = collect(cfg, units, SLMAgentFactory(path, server), Experiment(cfg).rollouts(policy),
                               inputs=collection_inputs(cfg, ("env", "policy", "model"), (path,)))
-        finally:
-            ray.kill(server)
         return {**summary, "model": path}
     raise R2VError(f"`collect.policy={policy}` is not available here; use teacher or slm (routed runs in `r2v eval`)")
 

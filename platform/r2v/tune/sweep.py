@@ -437,11 +437,9 @@ def add_live_rows(cfg: R2VConfig, frame):
     """Play eval.split tasks live (under sweep.live_seeds) with each picked router on one worker pool,
     as `r2v eval` does, and append their measured success and LLM-call rate as source="live" rows."""
     import pandas as pd
-    import ray
-
     from r2v.data import ShardStore
     from r2v.eval.metrics import summarise_method
-    from r2v.policies.slm import start_slm_server
+    from r2v.policies.slm import collection_slm
     from r2v.ray_utils import init_ray
     from r2v.rollout.engine import collect, plan_units
     from r2v.rollout.router_rows import RoutedAgentFactory
@@ -456,20 +454,18 @@ def add_live_rows(cfg: R2VConfig, frame):
     if not tasks[cfg.eval.split]:
         raise R2VError(f"split `{cfg.eval.split}` has no tasks for the live re-evaluation; set sweep.live=false")
     model_dir = str(Experiment(cfg).deployed_policy_dir())
-    server = start_slm_server(cfg, model_dir, cfg.collect.num_workers)
-    factories, units, names = {}, [], []
-    for row in picks:
-        policy = f"sweep-{row['trial_id']}-t{float(row['tau']):.6f}"
-        router = make_router("r2v", model_dir=str(row["model_dir"]), threshold=float(row["tau"]))
-        factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
-        units += plan_units(tasks, list(cfg.sweep.live_seeds), 1, policy)
-        names.append(policy)
     episodes = Experiment(cfg).sweep_dir / "live" / "episodes"
-    print(f"[sweep] live re-evaluation: {len(picks)} points x {len(units) // len(picks)} episodes on {cfg.eval.split}")
-    try:
+    with collection_slm(cfg, model_dir) as server:
+        factories, units, names = {}, [], []
+        for row in picks:
+            policy = f"sweep-{row['trial_id']}-t{float(row['tau']):.6f}"
+            router = make_router("r2v", model_dir=str(row["model_dir"]), threshold=float(row["tau"]))
+            factories[policy] = RoutedAgentFactory(model_dir, server, router, with_teacher=True, name=policy)
+            units += plan_units(tasks, list(cfg.sweep.live_seeds), 1, policy)
+            names.append(policy)
+        print(f"[sweep] live re-evaluation: {len(picks)} points x {len(units) // len(picks)} episodes on "
+              f"{cfg.eval.split}")
         collect(cfg, units, factories, episodes, inputs=routed_inputs(cfg, model_dir))
-    finally:
-        ray.kill(server)
     df = ShardStore(episodes, "steps").read_pandas()
     rows = []
     for policy, row in zip(names, picks):
