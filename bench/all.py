@@ -382,12 +382,15 @@ def render_rollout_scaling(d: dict[str, Any]) -> str:
     model = f"a {slm['params'] / 1e6:.1f}M-parameter SLM" if slm.get("params") else "the SLM"
     md = (f"TextWorld levels {d.get('levels')}, {d.get('seeds')} perturbation seeds; the same episodes collected "
           f"with 1 and 2 env-worker actors, re-collected for ≥ {d.get('min_seconds', '?')} s per point (oracle teacher: "
-          f"env-bound; {model}: SLM-bound, one shared actor batching every worker's steps).\n\n")
+          f"env-bound; {model}: SLM-bound, `slm` on one shared actor batching every worker's steps, `slm_copies` "
+          f"with a copy in each worker, as `ray.slm_server=auto` runs on CPU).\n\n")
     body = [[r["policy"], r["workers"], r["episodes"], r["steps"], f(r["wall_s"], 2), f(r["steps_per_s"], 1)]
             for r in d["rows"]]
     md += table(["policy", "workers", "episodes", "steps", "wall s", "steps/s"], body)
-    md += "\n" + ", ".join(f"{p}: {f(v, 2)}× with 2 vs 1 workers" for p, v in d.get("ratio_2v1", {}).items()) + "\n"
-    return md
+    md += "\n" + ", ".join(f"{p}: {f(v, 2)}× with 2 vs 1 workers" for p, v in d.get("ratio_2v1", {}).items())
+    if "copies_vs_shared_2_workers" in d:
+        md += f"; at 2 workers a copy each runs {f(d['copies_vs_shared_2_workers'], 2)}× the steps/s of one shared actor"
+    return md + "\n"
 
 
 def render_slm_quality(d: dict[str, Any]) -> str:

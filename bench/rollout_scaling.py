@@ -1,10 +1,11 @@
-"""Rollout scaling: steps/s with 1 vs 2 env-worker actors on TextWorld, env-bound and SLM-bound.
+"""Rollout scaling: steps/s with 1 vs 2 env-worker actors on TextWorld, env-bound and SLM-bound, and where the SLM runs.
 
     python -m bench.rollout_scaling [--games 4 --seeds 4 --levels 5,6,7,8 --min-seconds 30 --slm-size 20m]
 
-Two cases, each with 1 and then 2 workers: the oracle teacher (env-bound: no model, scales with cores) and the
-SLM (`--slm-size`, built locally; one shared `SLMServer` actor batches every worker's steps into one padded
-forward, so it scales only as far as that actor keeps up: SLM-bound). A point re-collects the same episodes into
+Three cases, each with 1 and then 2 workers: the oracle teacher (env-bound: no model, scales with cores); the
+SLM (`--slm-size`, built locally) on one shared `SLMServer` actor that batches every worker's steps into one padded
+forward, so it scales only as far as that actor keeps up (SLM-bound; `ray.slm_server=shared`); and the same SLM as
+one copy per worker (`slm_copies`, what `ray.slm_server=auto` does on CPU). A point re-collects the same episodes into
 fresh shard dirs (nothing skipped) round after round until `--min-seconds` of collection have passed, so its
 steps/s is a steady-state rate, not one dominated by a round's start and tail. Writes runs/bench/rollout_scaling.json.
 """
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     from r2v.envs.registry import load_tasks
     from r2v.policies.init_model import save_tiny_model
     from r2v.policies.slm import SLMAgentFactory, start_slm_server
+
+    policies = ("oracle", "slm", "slm_copies")
     from r2v.rollout.engine import collect, plan_units
     from r2v.rollout.stage import teacher_agent
 
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.model.path = str(model_dir)
 
     rows = []
-    for policy in ("oracle", "slm"):
+    for policy in policies:
         server = start_slm_server(cfg, str(model_dir), 2) if policy == "slm" else None
         agents = teacher_agent if policy == "oracle" else SLMAgentFactory(str(model_dir), server)
         for workers in (1, 2):
@@ -74,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
             ray.kill(server)
     ray.shutdown()
     ratios = {p: rows[2 * i + 1]["steps_per_s"] / max(1e-9, rows[2 * i]["steps_per_s"])
-              for i, p in enumerate(("oracle", "slm"))}
+              for i, p in enumerate(policies)}
+    copies_vs_shared = rows[5]["steps_per_s"] / max(1e-9, rows[3]["steps_per_s"])  # both at 2 workers
     print(f"SLM: {args.slm_size} ({built['params'] / 1e6:.1f}M parameters); load average "
           f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'policy':<8}{'workers':>8}{'rounds':>8}{'episodes':>10}{'steps':>8}{'wall s':>9}{'steps/s':>10}")
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['steps_per_s']:>10}")
     for p, ratio in ratios.items():
         print(f"scaling 2 vs 1 workers, {p}: {ratio:.2f}x" + ("  (target >= 1.7x)" if p == "oracle" else ""))
-    result = {"rows": rows, "ratio_2v1": ratios, "levels": cfg.env.textworld.levels, "seeds": args.seeds,
+    print(f"2 workers, a copy each vs one shared actor: {copies_vs_shared:.2f}x")
+    result = {"rows": rows, "ratio_2v1": ratios, "copies_vs_shared_2_workers": copies_vs_shared, "levels": cfg.env.textworld.levels, "seeds": args.seeds,
               "min_seconds": args.min_seconds, "slm": {"size": args.slm_size, "params": built["params"]},
               "loadavg": [load_start[0], os.getloadavg()[0]]}
     out = Path(args.out)
