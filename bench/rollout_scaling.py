@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     for p, ratio in ratios.items():
         print(f"scaling 2 vs 1 workers, {p}: {ratio:.2f}x" + ("  (target >= 1.7x)" if p == "oracle" else ""))
     print(f"2 workers, a copy each vs one shared actor: {copies_vs_shared:.2f}x")
-    result = {"rows": rows, "ratio_2v1": ratios, "copies_vs_shared_2_workers": copies_vs_shared, "levels": cfg.env.textworld.levels, "seeds": args.seeds,
+    result = {"rows": rows, "ratio_2v1": ratios, "copies_vs_shared_2_workers": copies_vs_shared,
+              "levels": cfg.env.textworld.levels, "seeds": args.seeds,
               "min_seconds": args.min_seconds, "slm": {"size": args.slm_size, "params": built["params"]},
               "loadavg": [load_start[0], os.getloadavg()[0]]}
     out = Path(args.out)

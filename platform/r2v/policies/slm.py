@@ -432,7 +432,8 @@ def collection_slm(cfg: R2VConfig, path: str):
     on exit, or None, and each env worker loads its own copy (`slm_in_worker`). "auto" shares one actor when the
     model goes on a GPU (one copy batches every worker's states) and gives each worker its copy on CPU: there a
     step's forward pass is cheaper than the hop to the actor, and copies compute in parallel on the workers'
-    cores (1.55x the steps/s of routed episodes on the quickstart, the same decisions to the bit)."""
+    cores (1.55x the steps/s of the quickstart's routed episodes; under `policy.batch_invariant` every score is the
+    same to the bit)."""
     import ray
 
     mode = cfg.ray.slm_server
