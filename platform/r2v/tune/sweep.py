@@ -375,7 +375,9 @@ def write_best(cfg: R2VConfig, row, budget: float, live: dict[str, Any] | None =
     }
     if live:
         doc["sweep_result"].update(threshold_kind="live", val_llm_call_rate_live=float(live["rate"]),
-                                   calibrated_on=live["calibrated_on"], **{k: live[k] for k in ("grace",) if k in live})
+                                   calibrated_on=live["calibrated_on"])
+        if "grace" in live:  # as in the saved router: τ was searched without router.grace
+            doc["sweep_result"]["grace"] = live["grace"]
     how = ("τ set live on the calibration games, success an offline estimate" if live
            else "OFFLINE ESTIMATE: τ is a step quantile, not a live rate")
     path = best_path(cfg, budget)
