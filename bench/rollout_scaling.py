@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
     from r2v.envs.registry import load_tasks
     from r2v.policies.init_model import save_tiny_model
     from r2v.policies.slm import SLMAgentFactory, start_slm_server
-
-    policies = ("oracle", "slm", "slm_copies")
     from r2v.rollout.engine import collect, plan_units
     from r2v.rollout.stage import teacher_agent
+
+    policies = ("oracle", "slm", "slm_copies")
 
     tmp = Path(tempfile.mkdtemp(prefix="r2v-bench-"))
     cfg = R2VConfig(experiment="bench", runs_dir=str(tmp))
@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
             ray.get(server.batch_sizes.remote())  # the server served every round (raises if it died)
             ray.kill(server)
     ray.shutdown()
-    ratios = {p: rows[2 * i + 1]["steps_per_s"] / max(1e-9, rows[2 * i]["steps_per_s"])
-              for i, p in enumerate(policies)}
-    copies_vs_shared = rows[5]["steps_per_s"] / max(1e-9, rows[3]["steps_per_s"])  # both at 2 workers
+    rate = {(r["policy"], r["workers"]): r["steps_per_s"] for r in rows}
+    ratios = {p: rate[p, 2] / max(1e-9, rate[p, 1]) for p in policies}
+    copies_vs_shared = rate["slm_copies", 2] / max(1e-9, rate["slm", 2])
     print(f"SLM: {args.slm_size} ({built['params'] / 1e6:.1f}M parameters); load average "
           f"{load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
     print(f"{'policy':<8}{'workers':>8}{'rounds':>8}{'episodes':>10}{'steps':>8}{'wall s':>9}{'steps/s':>10}")

@@ -188,7 +188,7 @@ def calibrate_live(cfg: R2VConfig, routers: dict[str, Router], budgets: dict[str
 
     success: dict[tuple, float] = {}  # (name, τ, grace) -> the probe's episode success on the val games
 
-    def measure(taus: dict[str, float]) -> dict[str, tuple[float, np.ndarray]]:
+    def measure(taus: dict[str, float]) -> dict[str, tuple[float, np.ndarray]]:  # runs inside `with ... as server`
         policies: dict[str, dict[str, bool]] = {}  # name -> {policy: routed by the twin}
         factories, units = {}, []
         for name, tau in taus.items():

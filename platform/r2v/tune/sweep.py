@@ -439,6 +439,7 @@ def add_live_rows(cfg: R2VConfig, frame):
     """Play eval.split tasks live (under sweep.live_seeds) with each picked router on one worker pool,
     as `r2v eval` does, and append their measured success and LLM-call rate as source="live" rows."""
     import pandas as pd
+
     from r2v.data import ShardStore
     from r2v.eval.metrics import summarise_method
     from r2v.policies.slm import collection_slm
