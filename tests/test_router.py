@@ -605,8 +605,9 @@ def test_budget_pacer_holds_the_rate_where_a_fixed_threshold_drifts():
 
 
 def test_budget_pacer_makes_up_what_earlier_steps_underspent():
-    """`retune(n)` aims the running rate, not the next steps' alone, at the budget; steps without a risk count as
-    steps; until a retune (or with no risk seen) τ stays where it is."""
+    """`retune(n)` aims the running rate, not the next steps' alone, at the budget, or spreads the shortfall over
+    `catch_up` steps; steps without a risk count as steps; until a retune (or with no risk seen) τ stays where it
+    is."""
     from r2v.router.thresholds import BudgetPacer
 
     risks = np.linspace(0.0, 1.0, 101)[:100]  # 100 distinct risks: a τ can escalate any whole share
@@ -616,6 +617,12 @@ def test_budget_pacer_makes_up_what_earlier_steps_underspent():
     assert pacer.tau == 0.9 and pacer.rate == pytest.approx(0.1)
     tau = pacer.retune(100)  # the next 100 steps need 40 calls for 60 of 200
     assert np.mean(risks >= tau) == pytest.approx(0.5)
+    spread = BudgetPacer(0.9, 0.3)
+    for p in risks:
+        spread.observe(p, p >= 0.9)
+    tau = spread.retune(100, catch_up=800)  # the 20 calls made up over 800 steps: 0.3 + 20/800 of the next 100
+    assert 0.31 <= np.mean(risks >= tau) <= 0.325
+    assert spread.retune(100, catch_up=10) == pacer.tau  # never over fewer steps than the next ones
     assert BudgetPacer(0.9, 0.3).retune(100) == 0.9  # nothing seen yet: τ stays
     nan_first = BudgetPacer(0.9, 0.3, every=2)
     nan_first.observe(float("nan"), True)

@@ -178,8 +178,8 @@ def pace_waves(cfg: R2VConfig, tasks: list) -> list[list[tuple[Any, int]]]:
 def play_paced(cfg: R2VConfig, paced: dict[str, tuple[Router, float]], tasks: list, play) -> dict[str, dict]:
     """Play each paced router {name: (router at its calibrated τ, budget B)} on the held-out episodes, wave by
     wave (`pace_waves`): wave 0 at the calibrated τ, wave k at the τ Serve's pacer (`BudgetPacer`) retunes to
-    from everything waves < k met and escalated, so the stream's running LLM-call rate is pulled to B on games the
-    calibration never saw.
+    from everything waves < k met and escalated, what they under- or over-spent spread over the rest of the stream,
+    so the whole stream's LLM-call rate is pulled to B on games the calibration never saw.
     `play({policy: router}, units)` plays units and returns their step rows. A wave's routing is an ordinary
     routed policy (router, τ), so its episodes are shared with any method routing alike (wave 0 with `R@B`)
     and a re-run replays nothing. Returns {name: {units, taus, wave_rates}}."""
@@ -207,8 +207,9 @@ def play_paced(cfg: R2VConfig, paced: dict[str, tuple[Router, float]], tasks: li
             rec["wave_rates"].append(float((part["actor"] == "teacher").mean()))
             for risk, actor in zip(part["risk"], part["actor"]):
                 pacer.observe(risk, actor == "teacher")
-            if k + 1 < len(waves):  # the next wave's steps, at the stream's steps per episode so far
-                pacer.retune(pacer.steps / len(rec["units"]) * len(waves[k + 1]))
+            if k + 1 < len(waves):  # the next wave's steps and the rest of the stream's, at its steps per episode
+                per_episode = pacer.steps / len(rec["units"])
+                pacer.retune(per_episode * len(waves[k + 1]), per_episode * sum(map(len, waves[k + 1:])))
     return out
 
 

@@ -54,14 +54,17 @@ class BudgetPacer:
     """Holds a routed stream's LLM-call rate at `budget` by moving τ; the same controller in Serve and in eval.
 
     A τ set on the calibration games meets other tasks in deployment, and the rate moves with them (on the
-    quickstart the τ that escalated 0.416 of the validation games' live steps escalated 0.307 of the test games').
+    quickstart the τ that escalated 0.194 of the validation games' live steps escalated 0.137 of the test games').
     The pacer starts at the calibrated τ and records every routed step's risk and decision; each `retune` sets τ
-    to `paced_threshold` of the last `memory` of them: the τ that, among the risks the stream met, escalates the
-    share of the next steps that brings the running rate back to the budget. No labels, only the router's own
-    risks and decisions. Serve retunes every `every` routed steps, per router replica (`serve.pace_every`,
-    `serve.pace_memory`); eval's paced routers (`r2v.eval.live.play_paced`) after each wave of episodes, played in
-    a fixed order, so their numbers reproduce. A paced router may route the same state differently later in the
-    stream, so Serve paces only on request (`serve.pace_budget`)."""
+    to `paced_threshold` of the last `memory` of them: the τ that, among the risks the stream met, escalates B of
+    the next steps, plus what earlier steps under- or over-spent, spread over `catch_up` steps (at least the next
+    retune's). A short catch-up swings τ: made up within one wave of the quickstart's eval, a first wave at 0.04
+    for B = 0.1 sent τ from 0.80 to 0.16 and back to 0.77, and those swings cost success at the same calls. Serve
+    spreads it over `memory` steps; eval over the rest of its stream, so the whole stream still averages B.
+    No labels, only the router's own risks and decisions. Serve retunes every `every` routed steps, per router
+    replica (`serve.pace_every`, `serve.pace_memory`); eval's paced routers (`r2v.eval.live.play_paced`) after
+    each wave of episodes, played in a fixed order, so their numbers reproduce. A paced router may route the same
+    state differently later in the stream, so Serve paces only on request (`serve.pace_budget`)."""
 
     def __init__(self, tau: float, budget: float, every: int | None = None, memory: int | None = None):
         if not 0.0 <= budget <= 1.0:
@@ -85,14 +88,17 @@ class BudgetPacer:
             self.retune(self.every)
         return self.tau
 
-    def retune(self, next_steps: float) -> float:
-        """Set τ for the next `next_steps` steps from the recorded ones (unchanged while none had a risk)."""
+    def retune(self, next_steps: float, catch_up: float | None = None) -> float:
+        """Set τ for the next `next_steps` steps from the recorded ones (unchanged while none had a risk); the
+        recorded steps' surplus or deficit is made up over `catch_up` steps (None: `memory` in Serve, else the
+        next steps)."""
         self._since = 0
         risks = np.fromiter((r for r, _, _ in self.recent), np.float64, len(self.recent))
         if np.isfinite(risks).any():
             calls, asked = sum(e for _, e, _ in self.recent), sum(a for _, _, a in self.recent)
+            horizon = catch_up if catch_up is not None else (self.recent.maxlen if self.every else None)
             self.tau = paced_threshold(risks[np.isfinite(risks)], calls, len(self.recent), self.budget, next_steps,
-                                       conversion(calls, asked))
+                                       conversion(calls, asked), horizon)
         return self.tau
 
     @property
@@ -113,13 +119,15 @@ def ask_share(budget: float, conv: float) -> float:
 
 
 def paced_threshold(risks: Any, escalations: int, steps: int, budget: float, next_steps: float,
-                    conv: float = 1.0) -> float:
-    """`BudgetPacer`'s step: among the risks a routed stream met, the τ that escalates the share of the next
-    `next_steps` steps which brings the running rate (`escalations` of `steps`) to `budget` by then, clipped to
-    [0, 1]: what earlier steps under- or over-spent is made up. τ asks for that share over the stream's
-    `conversion` (`conv`), since only that part of the asks become calls. At the fixed point, the quantile of the
-    risks met under routing that spends B, as in `live_budget_search`."""
-    share = (budget * (steps + next_steps) - escalations) / max(float(next_steps), 1.0)
+                    conv: float = 1.0, catch_up: float | None = None) -> float:
+    """`BudgetPacer`'s step: among the risks a routed stream met, the τ that escalates `budget` of the next steps
+    plus the share that makes up what the earlier ones under- or over-spent (`escalations` of `steps`) over
+    `catch_up` steps (None or fewer than `next_steps`: over the next `next_steps`, so the running rate is B by
+    then), clipped to [0, 1]. τ asks for that share over the stream's `conversion` (`conv`), since only that part
+    of the asks become calls. At the fixed point, the quantile of the risks met under routing that spends B, as in
+    `live_budget_search`."""
+    horizon = max(float(next_steps), float(catch_up or 0.0), 1.0)
+    share = budget + (budget * steps - escalations) / horizon
     return budget_threshold(risks, ask_share(min(1.0, max(0.0, share)), conv))
 
 
