@@ -296,9 +296,10 @@ def pacing_section(results: dict[str, dict[str, Any]]) -> str:
                      f"| {' / '.join(f'{x:.2f}' for x in r['pacing']['wave_rates'])} |")
     wave = next(iter(paced.values()))["pacing"]["wave_episodes"]
     return ("\n## Paced routers (eval.paced_methods)\n\nThe test episodes in one seeded order, in waves of "
-            f"{wave}: the first at the τ calibrated on the val games, each next at the τ that brings the running "
-            "LLM-call rate to the target (`BudgetPacer`, from the risks the router met and the calls it made, no "
-            "labels: what Serve runs with `serve.pace_budget`).\n\n" + "\n".join(lines) + "\n")
+            f"{wave}: the first at the τ calibrated on the val games, each next at the τ that spends the target "
+            "plus what the waves so far under- or over-spent, spread over the rest of the stream (`BudgetPacer`, "
+            "from the risks the router met and the calls it made, no labels: what Serve runs with "
+            "`serve.pace_budget`).\n\n" + "\n".join(lines) + "\n")
 
 
 def benchmark_section(bench: dict[str, Any]) -> str:
