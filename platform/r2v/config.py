@@ -414,7 +414,8 @@ class ServeConfig:
     # where it was calibrated
     pace_budget: Optional[float] = None
     pace_every: int = 200  # routed steps between retunes of τ (about one eval wave of the quickstart)
-    pace_memory: int = 5000  # the last routed steps whose risks and calls a retune reads (older ones are forgotten)
+    pace_memory: int = 5000  # the last routed steps whose risks and calls a retune reads (older ones are forgotten);
+                             # what they under- or over-spent is made up over as many steps
     max_batch_size: int = 16  # the SLM deployment's batches (r2v.policies.slm.SLMBatcher)
     batch_wait_timeout_s: float = 0.005  # how long a lone request waits for company
     speculative_verify: bool = True  # rank mode: verify every admissible action while the SLM runs (one hop less)
