@@ -46,9 +46,9 @@ def condition_config(cfg: R2VConfig, condition: str) -> R2VConfig:
 def play_slm_alone(cfg: R2VConfig, model_dir: str | Path, tasks: dict[str, list[Task]], plays: dict[str, list[int]],
                    out_dir: str | Path, progress: bool = False):
     """Play every task under every seed of each condition of `plays` ({clean | perturbed: seeds}) with the SLM
-    at `model_dir` acting alone, all on one pool of env workers (the SLM where `ray.slm_server` puts it); one row per episode
-    (condition, task_id, perturbation_seed, episode_id, episode_success). Episodes are shards under `out_dir`
-    tied to the model and config, so a re-run resumes and a retrained model starts afresh."""
+    at `model_dir` acting alone, all on one pool of env workers (the SLM where `ray.slm_server` puts it); one row
+    per episode (condition, task_id, perturbation_seed, episode_id, episode_success). Episodes are shards under
+    `out_dir` tied to the model and config, so a re-run resumes and a retrained model starts afresh."""
     from r2v.data import ShardStore
     from r2v.policies.slm import collection_slm
     from r2v.ray_utils import init_ray

@@ -85,20 +85,19 @@ class BudgetPacer:
         self.recent.append((float(risk), bool(escalated), bool(float(risk) >= self.tau)))
         self._since += 1
         if self.every is not None and self._since >= self.every:
-            self.retune(self.every)
+            self.retune(self.every, catch_up=self.recent.maxlen)  # Serve: made up over the memory's steps
         return self.tau
 
     def retune(self, next_steps: float, catch_up: float | None = None) -> float:
         """Set τ for the next `next_steps` steps from the recorded ones (unchanged while none had a risk); the
-        recorded steps' surplus or deficit is made up over `catch_up` steps (None: `memory` in Serve, else the
-        next steps)."""
+        recorded steps' surplus or deficit is made up over `catch_up` steps (`paced_threshold`; None: the next
+        steps)."""
         self._since = 0
         risks = np.fromiter((r for r, _, _ in self.recent), np.float64, len(self.recent))
         if np.isfinite(risks).any():
             calls, asked = sum(e for _, e, _ in self.recent), sum(a for _, _, a in self.recent)
-            horizon = catch_up if catch_up is not None else (self.recent.maxlen if self.every else None)
             self.tau = paced_threshold(risks[np.isfinite(risks)], calls, len(self.recent), self.budget, next_steps,
-                                       conversion(calls, asked), horizon)
+                                       conversion(calls, asked), catch_up)
         return self.tau
 
     @property
